@@ -1,0 +1,123 @@
+"""Channel-W1 evaluation of ZDC simulators, every validation epoch and at test.
+
+Expects the LightningModule's ``validation_step`` / ``test_step`` to return a dict with
+photon-count images ``real`` and ``fake`` (paired by condition) and ``index``. Logs
+``{val,test}/w1_mean``, ``/w1_ch1..5`` and ``/w1_q1..4`` (intensity quartiles); saves the
+five channel histograms (real vs generated) and a grid of real and generated responses.
+At test it also writes ``test_channel_w1.json`` into the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from rsgm.metrics.wasserstein import ChannelWasserstein
+from rsgm.physics.channels import CHANNEL_NAMES, QUADRANTS, ChannelLayout
+from rsgm.utils.figures import plt, run_dir, save_figure
+
+
+def channel_histogram_figure(real: np.ndarray, fake: np.ndarray, title: str) -> plt.Figure:
+    """Five panels of real vs generated channel-value histograms on a log1p axis."""
+    fig, axes = plt.subplots(1, 5, figsize=(18, 3.2))
+    for c, ax in enumerate(axes):
+        top = max(real[:, c].max(), fake[:, c].max(), 1.0)
+        bins = np.expm1(np.linspace(0, np.log1p(top), 40))
+        ax.hist(real[:, c], bins=bins, alpha=0.5, label="real", color="tab:blue")
+        ax.hist(fake[:, c], bins=bins, alpha=0.5, label="generated", color="tab:orange")
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_yscale("log")
+        ax.set_title(CHANNEL_NAMES[c])
+        ax.set_xlabel("photons")
+    axes[0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def sample_grid_figure(real: np.ndarray, fake: np.ndarray, title: str) -> plt.Figure:
+    """Real responses (top row) above the generated ones for the same conditions."""
+    n = len(real)
+    fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 3.6), squeeze=False)
+    for k in range(n):
+        top = max(real[k].max(), fake[k].max(), 1.0)
+        for row, img in enumerate((real[k], fake[k])):
+            axes[row, k].imshow(np.log1p(img), vmin=0, vmax=np.log1p(top), cmap="magma")
+            axes[row, k].axis("off")
+    axes[0, 0].set_title("real", loc="left", fontsize=9)
+    axes[1, 0].set_title("generated", loc="left", fontsize=9)
+    fig.suptitle(title)
+    return fig
+
+
+class ChannelWassersteinCallback(Callback):
+    """Args:
+        quadrant_parity, quadrant_order: the PMT mask layout (see ``rsgm.physics.channels``).
+        quartile_edges: 5 fixed photon-sum edges for the quartile table; default: the
+            quartiles of the evaluated real responses.
+        plot_every_n_epochs: validation plots every this many epochs (0 = only at test).
+        n_grid: responses shown in the sample grid.
+    """
+
+    def __init__(self, quadrant_parity: int = 1, quadrant_order: tuple[str, str, str, str] = QUADRANTS,
+                 quartile_edges: list[float] | None = None, plot_every_n_epochs: int = 1, n_grid: int = 8) -> None:
+        self.layout = ChannelLayout(quadrant_parity, tuple(quadrant_order))
+        self.quartile_edges = quartile_edges
+        self.plot_every_n_epochs = plot_every_n_epochs
+        self.n_grid = n_grid
+        self.metrics: dict[str, ChannelWasserstein] = {}
+        self.grid: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        shape = getattr(trainer.datamodule, "image_shape", None)
+        if shape is None:
+            raise ValueError("ChannelWassersteinCallback needs a datamodule with an image_shape (e.g. ZDCDataModule)")
+        for split in ("val", "test"):
+            self.metrics[split] = ChannelWasserstein(shape, self.layout, self.quartile_edges).to(pl_module.device)
+
+    def _update(self, split: str, outputs: dict[str, torch.Tensor]) -> None:
+        self.metrics[split].update(outputs["real"], outputs["fake"], outputs["index"])
+        if split not in self.grid:
+            k = self.n_grid
+            self.grid[split] = (outputs["real"][:k, 0].cpu().numpy(), outputs["fake"][:k, 0].cpu().numpy())
+
+    def _finish(self, split: str, trainer: Trainer, pl_module: LightningModule, plot: bool) -> dict[str, float]:
+        result = self.metrics[split].compute()
+        scalars = {f"{split}/w1_mean": float(result["w1_mean"])}
+        scalars.update({f"{split}/w1_{name}": float(v) for name, v in zip(CHANNEL_NAMES, result["w1"])})
+        scalars.update({f"{split}/w1_q{q + 1}": float(v) for q, v in enumerate(result["w1_quartiles"])})
+        pl_module.log_dict(scalars, prog_bar=False)
+        pl_module.log(f"{split}_w1", scalars[f"{split}/w1_mean"], prog_bar=True, logger=False)
+        if plot:
+            tag = f"{split} epoch {trainer.current_epoch}"
+            save_figure(trainer, channel_histogram_figure(result["real"].cpu().numpy(), result["fake"].cpu().numpy(),
+                                                          f"channel values, {tag}"), f"{split}_channels_epoch{trainer.current_epoch:03d}")
+            real, fake = self.grid[split]
+            save_figure(trainer, sample_grid_figure(real, fake, f"responses, {tag}"), f"{split}_samples_epoch{trainer.current_epoch:03d}")
+        self.metrics[split].reset()
+        self.grid.pop(split, None)
+        scalars[f"{split}/quartile_edges"] = [float(e) for e in result["quartile_edges"]]
+        return scalars
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if not trainer.sanity_checking:
+            self._update("val", outputs)
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        every = self.plot_every_n_epochs
+        self._finish("val", trainer, pl_module, plot=every > 0 and (trainer.current_epoch + 1) % every == 0)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._update("test", outputs)
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        scalars = self._finish("test", trainer, pl_module, plot=True)
+        if trainer.is_global_zero:
+            path = run_dir(trainer) / "test_channel_w1.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(scalars, indent=2))

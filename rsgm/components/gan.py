@@ -1,0 +1,130 @@
+"""Generators, discriminators and auxiliary regressors for the conditional-GAN family.
+
+All generators take ``(z, cond)`` and every discriminator returns ``(logit, features)``,
+where ``features`` is its penultimate layer: the encoder E of SDI-GAN's feature distance
+(thesis eqs. 4.6-4.7). The condition enters the discriminator before that layer, so E sees c.
+
+ZDC shapes follow the thesis and the authors' reference networks: the generator maps
+``z ++ c`` through Linear(.., 256) and Linear(256, 128 * h0 * w0), then an upsampling /
+3x3-convolution stack with BatchNorm, Dropout(0.2) and LeakyReLU(0.1); the discriminator is
+conv3x3(32)-pool, conv3x3(16)-pool, flatten ++ c -> 128 -> 64 -> 1. ``width`` scales every
+hidden channel count of the generator: 1.0 is the thesis-size network (about 1 GFLOP per
+proton sample), 0.25 a compact one with about 12x fewer FLOPs.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from rsgm.physics.simulator import IMAGE_SHAPES
+
+# Spatial size after the dense layer, then the size after the first upsampling.
+_GRID = {"neutron": ((11, 11), (22, 22)), "proton": ((20, 10), (40, 20))}
+
+
+def _conv_block(c_in: int, c_out: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.Dropout(0.2), nn.LeakyReLU(0.1)]
+
+
+class ZDCGenerator(nn.Module):
+    """G(z, c) -> a (1, H, W) response in log1p photon space (non-negative)."""
+
+    def __init__(self, detector: Literal["neutron", "proton"] = "neutron", noise_dim: int = 10, cond_dim: int = 9,
+                 width: float = 1.0) -> None:
+        super().__init__()
+        if detector not in IMAGE_SHAPES:
+            raise ValueError(f"unknown detector {detector!r}; choose one of {sorted(IMAGE_SHAPES)}")
+        if width <= 0:
+            raise ValueError(f"width must be positive, got {width}")
+        self.noise_dim, self.cond_dim, self.image_shape = noise_dim, cond_dim, IMAGE_SHAPES[detector]
+        (h0, w0), mid = _GRID[detector]
+        c0, c1, c2 = (max(4, round(c * width)) for c in (128, 128, 64))
+        self.dense = nn.Sequential(
+            nn.Linear(noise_dim + cond_dim, 256), nn.BatchNorm1d(256), nn.Dropout(0.2), nn.LeakyReLU(0.1),
+            nn.Linear(256, c0 * h0 * w0), nn.BatchNorm1d(c0 * h0 * w0), nn.Dropout(0.2), nn.LeakyReLU(0.1),
+        )
+        self.grid = (c0, h0, w0)
+        self.convs = nn.Sequential(
+            nn.Upsample(size=mid), *_conv_block(c0, c1), *_conv_block(c1, c1),
+            nn.Upsample(size=self.image_shape), *_conv_block(c1, c2), *_conv_block(c2, c2),
+            nn.Conv2d(c2, 1, 3, padding=1), nn.ReLU(),
+        )
+
+    def forward(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        h = self.dense(torch.cat([z, cond], dim=1)).view(-1, *self.grid)
+        return self.convs(h)
+
+
+class ZDCDiscriminator(nn.Module):
+    """D(x, c) -> (logit, 64-d penultimate features)."""
+
+    def __init__(self, detector: Literal["neutron", "proton"] = "neutron", cond_dim: int = 9) -> None:
+        super().__init__()
+        rows, cols = IMAGE_SHAPES[detector]
+        self.convs = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.LeakyReLU(0.1), nn.MaxPool2d(2),
+            nn.Conv2d(32, 16, 3, padding=1), nn.LeakyReLU(0.1), nn.MaxPool2d(2), nn.Flatten(),
+        )
+        flat = 16 * (rows // 4) * (cols // 4)
+        self.encoder = nn.Sequential(
+            nn.Linear(flat + cond_dim, 128), nn.LeakyReLU(0.1), nn.Dropout(0.2),
+            nn.Linear(128, 64), nn.LeakyReLU(0.1),
+        )
+        self.head = nn.Linear(64, 1)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.encoder(torch.cat([self.convs(x), cond], dim=1))
+        return self.head(features).squeeze(1), features
+
+
+class PeakRegressor(nn.Module):
+    """A(x) -> (row, col) of the brightest pixel, both scaled to [0, 1] (thesis eq. 5.4)."""
+
+    def __init__(self, detector: Literal["neutron", "proton"] = "neutron") -> None:
+        super().__init__()
+        rows, cols = IMAGE_SHAPES[detector]
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.LeakyReLU(0.1), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.LeakyReLU(0.1), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Linear(32 * (rows // 4) * (cols // 4), 64), nn.LeakyReLU(0.1), nn.Linear(64, 2), nn.Sigmoid(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class MLPGenerator(nn.Module):
+    """G(z, c) for vector data such as the 2-D benchmark points."""
+
+    def __init__(self, out_dim: int = 2, noise_dim: int = 8, cond_dim: int = 10, hidden: int = 128, depth: int = 3) -> None:
+        super().__init__()
+        self.noise_dim, self.cond_dim = noise_dim, cond_dim
+        layers: list[nn.Module] = []
+        d = noise_dim + cond_dim
+        for _ in range(depth):
+            layers += [nn.Linear(d, hidden), nn.LeakyReLU(0.2)]
+            d = hidden
+        self.net = nn.Sequential(*layers, nn.Linear(d, out_dim))
+
+    def forward(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([z, cond], dim=1))
+
+
+class MLPDiscriminator(nn.Module):
+    """D(x, c) -> (logit, penultimate features) for vector data."""
+
+    def __init__(self, in_dim: int = 2, cond_dim: int = 10, hidden: int = 128, feature_dim: int = 64) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(
+            nn.Linear(in_dim + cond_dim, hidden), nn.LeakyReLU(0.2),
+            nn.Linear(hidden, hidden), nn.LeakyReLU(0.2),
+            nn.Linear(hidden, feature_dim), nn.LeakyReLU(0.2),
+        )
+        self.head = nn.Linear(feature_dim, 1)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.encoder(torch.cat([x, cond], dim=1))
+        return self.head(features).squeeze(1), features

@@ -1,0 +1,182 @@
+"""The conditional-GAN family of thesis chapters 4-5: DC-GAN, MS-GAN and SDI-GAN.
+
+``diversity`` picks the regulariser: ``none`` (conditional DC-GAN), ``uniform`` (MS-GAN,
+weight 1 for every condition) or ``selective`` (SDI-GAN, weight f_div(c)).
+``image_distance`` picks d_I: ``features`` (L1 between the discriminator's penultimate
+features, chapter 4) or ``pixel`` (L1 between the outputs, chapter 5). Optional chapter-5
+terms: intensity regularisation (``lambda_in``) and the auxiliary peak regressor
+(``lambda_aux``, needs ``aux_regressor``).
+
+Batches are dicts with ``x``, ``cond``, ``fdiv`` and ``index`` (plus ``intensity`` and
+``peak`` for the chapter-5 terms). ``data_space="log1p"`` says ``x`` is ``log(1 + counts)``;
+evaluation outputs are then mapped back to photon counts.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+
+from rsgm.datamodules.zdc import model_space_to_counts
+from rsgm.losses.gan import auxiliary_loss, discriminator_loss, diversity_loss, generator_adversarial_loss, intensity_loss
+
+Diversity = Literal["none", "uniform", "selective"]
+
+
+def check_output_shape(generator: nn.Module, datamodule: Any) -> None:
+    """A one-line error when the generator's image shape does not match the data's."""
+    produced = getattr(generator, "image_shape", None)
+    expected = getattr(datamodule, "image_shape", None)
+    if produced is not None and expected is not None and tuple(produced) != tuple(expected):
+        raise ValueError(f"the generator produces {tuple(produced)} images but the data are {tuple(expected)}; "
+                         "set the same detector for model and data")
+
+
+class RNGStateInCheckpoint:
+    """Mixin: save and restore the global RNG states, so a run resumed from a checkpoint
+    draws the same noise and shuffles as the uninterrupted run."""
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("rng_states")
+        if states:
+            torch.set_rng_state(states["torch"])
+            np.random.set_state(states["numpy"])
+            random.setstate(states["python"])
+
+
+class ConditionalGAN(RNGStateInCheckpoint, LightningModule):
+    """Conditional GAN with DC-GAN / MS-GAN / SDI-GAN regularisation (manual optimisation).
+
+    Args:
+        generator: ``G(z, c)``; must expose ``noise_dim``.
+        discriminator: ``D(x, c) -> (logit, features)``.
+        aux_regressor: ``A(x) -> peak (row, col)``; trained on real data, used on generated.
+        diversity / image_distance: see the module docstring.
+        lambda_div, lambda_in, lambda_aux: weights of eq. 5.5.
+        lr_g, lr_d, lr_aux: Adam learning rates (betas 0.5, 0.999).
+        data_space: ``log1p`` for ZDC images, ``linear`` for vector data.
+        eval_seed: seed of the evaluation noise, so epochs are compared on the same draws.
+    """
+
+    def __init__(
+        self,
+        generator: nn.Module,
+        discriminator: nn.Module,
+        aux_regressor: nn.Module | None = None,
+        diversity: Diversity = "selective",
+        image_distance: Literal["features", "pixel"] = "features",
+        lambda_div: float = 0.1,
+        lambda_in: float = 0.0,
+        lambda_aux: float = 0.0,
+        lr_g: float = 1e-4,
+        lr_d: float = 1e-5,
+        lr_aux: float = 1e-4,
+        data_space: Literal["log1p", "linear"] = "log1p",
+        eval_seed: int = 1234,
+    ) -> None:
+        super().__init__()
+        if diversity not in ("none", "uniform", "selective"):
+            raise ValueError(f"diversity must be none, uniform or selective, got {diversity!r}")
+        if lambda_aux > 0 and aux_regressor is None:
+            raise ValueError("lambda_aux > 0 needs an aux_regressor")
+        self.save_hyperparameters(ignore=["generator", "discriminator", "aux_regressor"])
+        self.automatic_optimization = False
+        self.generator, self.discriminator, self.aux_regressor = generator, discriminator, aux_regressor
+
+    def setup(self, stage: str) -> None:
+        check_output_shape(self.generator, getattr(self.trainer, "datamodule", None))
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opts = [torch.optim.Adam(self.generator.parameters(), lr=hp.lr_g, betas=(0.5, 0.999)),
+                torch.optim.Adam(self.discriminator.parameters(), lr=hp.lr_d, betas=(0.5, 0.999))]
+        if self.aux_regressor is not None:
+            opts.append(torch.optim.Adam(self.aux_regressor.parameters(), lr=hp.lr_aux, betas=(0.5, 0.999)))
+        return opts
+
+    def to_output_space(self, x: torch.Tensor) -> torch.Tensor:
+        return model_space_to_counts(x) if self.hparams.data_space == "log1p" else x
+
+    def noise(self, n: int) -> torch.Tensor:
+        return torch.randn(n, self.generator.noise_dim, device=self.device)
+
+    def generator_loss(self, batch: dict[str, torch.Tensor], z1: torch.Tensor, z2: torch.Tensor,
+                       generator: nn.Module, discriminator: nn.Module, aux_regressor: nn.Module | None,
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """Eq. 5.5 for one generator; returns (loss, its terms, the first generated batch)."""
+        hp, c = self.hparams, batch["cond"]
+        x1 = generator(z1, c)
+        logit1, f1 = discriminator(x1, c)
+        terms = {"adv": generator_adversarial_loss(logit1)}
+        if hp.diversity != "none" and hp.lambda_div > 0:
+            x2 = generator(z2, c)
+            logit2, f2 = discriminator(x2, c)
+            terms["adv"] = 0.5 * (terms["adv"] + generator_adversarial_loss(logit2))
+            d1, d2 = (f1, f2) if hp.image_distance == "features" else (x1, x2)
+            weight = batch["fdiv"] if hp.diversity == "selective" else torch.ones_like(batch["fdiv"])
+            terms["div"] = hp.lambda_div * diversity_loss(weight, z1, z2, d1, d2)
+        if hp.lambda_in > 0:
+            terms["in"] = hp.lambda_in * intensity_loss(self.to_output_space(x1).flatten(1).sum(1), batch["intensity"])
+        if hp.lambda_aux > 0:
+            terms["aux"] = hp.lambda_aux * auxiliary_loss(aux_regressor(x1), batch["peak"])
+        return sum(terms.values()), terms, x1
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        opt_g, opt_d, *opt_aux = self.optimizers()
+        x, c = batch["x"], batch["cond"]
+        z1, z2 = self.noise(len(x)), self.noise(len(x))
+
+        with torch.no_grad():
+            fake = self.generator(z1, c)
+        real_logit, _ = self.discriminator(x, c)
+        fake_logit, _ = self.discriminator(fake, c)
+        loss_d = discriminator_loss(real_logit, fake_logit)
+        opt_d.zero_grad()
+        self.manual_backward(loss_d)
+        opt_d.step()
+        logs = {"train/loss_d": loss_d}
+
+        if opt_aux:
+            loss_aux = auxiliary_loss(self.aux_regressor(x), batch["peak"])
+            opt_aux[0].zero_grad()
+            self.manual_backward(loss_aux)
+            opt_aux[0].step()
+            logs["train/loss_aux_regressor"] = loss_aux
+
+        self.toggle_optimizer(opt_g)
+        loss_g, terms, _ = self.generator_loss(batch, z1, z2, self.generator, self.discriminator, self.aux_regressor)
+        opt_g.zero_grad()
+        self.manual_backward(loss_g)
+        opt_g.step()
+        self.untoggle_optimizer(opt_g)
+        logs["train/loss_g"] = loss_g
+        logs.update({f"train/g_{k}": v for k, v in terms.items()})
+        self.log_dict(logs, prog_bar=False, batch_size=len(x))
+        self.log_dict({"loss_d": loss_d, "loss_g": loss_g}, prog_bar=True, logger=False, batch_size=len(x))
+
+    def evaluation_noise(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Noise seeded by the batch's first sample index: the same draws every epoch."""
+        gen = torch.Generator().manual_seed(self.hparams.eval_seed + int(batch["index"][0]))
+        return torch.randn(len(batch["x"]), self.generator.noise_dim, generator=gen).to(self.device)
+
+    def generate(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        fake = self.generator(self.evaluation_noise(batch), batch["cond"])
+        return {"real": self.to_output_space(batch["x"]), "fake": self.to_output_space(fake),
+                "index": batch["index"], "batch": batch}
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        return self.generate(batch)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        return self.generate(batch)
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.generate(batch)["fake"]

@@ -1,0 +1,36 @@
+"""Saving plots into the run folder and logging them to W&B."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: runs happen on servers and in CI
+
+import matplotlib.pyplot as plt  # noqa: E402
+from lightning.pytorch import Trainer  # noqa: E402
+from lightning.pytorch.loggers import WandbLogger  # noqa: E402
+
+
+def run_dir(trainer: Trainer) -> Path:
+    """The folder where a run keeps its artefacts (config, plots, tables, checkpoints)."""
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def save_figure(trainer: Trainer, fig: plt.Figure, name: str) -> Path | None:
+    """Write ``fig`` to ``<run dir>/plots/<name>.png`` and log it to W&B when W&B is a logger.
+
+    Only global rank 0 writes; other ranks close the figure and return ``None``.
+    """
+    if not trainer.is_global_zero:
+        plt.close(fig)
+        return None
+    path = run_dir(trainer) / "plots" / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key=f"plots/{name}", images=[str(path)], step=trainer.global_step)
+    return path
