@@ -19,6 +19,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from jsonargparse import ArgumentError
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -99,6 +100,17 @@ class RSGMCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
+def config_error_summary(message: str) -> str:
+    """The line of a (multi-line) jsonargparse error that names the offending key or value."""
+    lines = [line.strip(" -") for line in str(message).splitlines() if line.strip()]
+    for marker in ("is not accepted", "Unrecognized arguments", "not expected", "does not exist", "No such file",
+                   "Expected a", "is required"):
+        for line in lines:
+            if marker in line and not line.startswith("Expected a <class 'NoneType'>"):
+                return line
+    return lines[0] if lines else "invalid configuration"
+
+
 def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] == "serve":
@@ -106,16 +118,20 @@ def main(args: list[str] | None = None) -> None:
 
         serve_main(argv[1:])
         return
-    RSGMCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_callback=ConfigToLogger,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"parser_mode": "omegaconf"},
-        args=args,
-    )
+    try:
+        RSGMCLI(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_callback=ConfigToLogger,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
+            args=args,
+        )
+    except ArgumentError as err:
+        # jsonargparse explains a bad key over a dozen lines; one line naming it is enough.
+        sys.exit(f"rsgm: config error: {config_error_summary(err)}")
 
 
 if __name__ == "__main__":

@@ -14,10 +14,8 @@ evaluation outputs are then mapped back to photon counts.
 
 from __future__ import annotations
 
-import random
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from lightning.pytorch import LightningModule
 from torch import nn
@@ -38,18 +36,16 @@ def check_output_shape(generator: nn.Module, datamodule: Any) -> None:
 
 
 class RNGStateInCheckpoint:
-    """Mixin: save and restore the global RNG states, so a run resumed from a checkpoint
-    draws the same noise and shuffles as the uninterrupted run."""
+    """Mixin: save and restore torch's global RNG state, so a run resumed from a checkpoint
+    draws the same noise and shuffles as the uninterrupted run (all training randomness
+    comes from torch; a tensor keeps the checkpoint loadable with ``weights_only``)."""
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        checkpoint["torch_rng_state"] = torch.get_rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        states = checkpoint.get("rng_states")
-        if states:
-            torch.set_rng_state(states["torch"])
-            np.random.set_state(states["numpy"])
-            random.setstate(states["python"])
+        if "torch_rng_state" in checkpoint:
+            torch.set_rng_state(checkpoint["torch_rng_state"])
 
 
 class ConditionalGAN(RNGStateInCheckpoint, LightningModule):
