@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rsgm.metrics.wasserstein import ChannelWasserstein, channel_wasserstein, deduplicate, quartile_wasserstein, wasserstein_1d
+from rsgm.metrics.wasserstein import ChannelWasserstein, deduplicate, quartile_wasserstein, wasserstein_1d
 from rsgm.physics.channels import channel_masks, channel_values
 
 

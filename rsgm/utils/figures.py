@@ -14,8 +14,15 @@ from lightning.pytorch.loggers import WandbLogger  # noqa: E402
 
 
 def run_dir(trainer: Trainer) -> Path:
-    """The folder where a run keeps its artefacts (config, plots, tables, checkpoints)."""
-    return Path(trainer.log_dir or trainer.default_root_dir)
+    """The folder where a run keeps its artefacts (config, plots, tables, checkpoints).
+
+    Read from the logger directly: ``trainer.log_dir`` broadcasts across DDP ranks and
+    would hang when only rank 0 asks."""
+    for logger in trainer.loggers:
+        folder = getattr(logger, "log_dir", None) or logger.save_dir
+        if folder:
+            return Path(folder)
+    return Path(trainer.default_root_dir)
 
 
 def save_figure(trainer: Trainer, fig: plt.Figure, name: str) -> Path | None:

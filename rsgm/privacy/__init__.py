@@ -1,0 +1,1 @@
+"""Attack maths on tensors, with no Lightning: MIA features, scoring, statistical tests."""

@@ -1,0 +1,71 @@
+"""The attack module end to end on tiny targets: DDP feature gathering, caching, callbacks."""
+
+import json
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+
+from rsgm.callbacks.dataset_inference import DatasetInference
+from rsgm.callbacks.membership import MembershipMetrics
+from rsgm.components.diffusion_adapters import PixelUNetTarget
+from rsgm.datamodules.membership import DigitsMembership
+from rsgm.lightning_modules.diffusion_attack import DiffusionAttack, load_features_cache
+
+OPTIONS = dict(gm_timesteps=[100, 600], ml_timesteps=[100, 600], secmi_t=20, dl_draws=2, no_steps=2)
+
+
+def tiny_target():
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2, num_class_embeds=11,
+                       norm_num_groups=4, add_attention=False)
+    return PixelUNetTarget(unet=unet, alphas_cumprod=DDPMScheduler(num_train_timesteps=1000).alphas_cumprod)
+
+
+def run(tmp_path, devices, callbacks=(), **kw):
+    torch.set_num_threads(1)
+    model = DiffusionAttack(target=kw.pop("target", tiny_target()), feature_options=OPTIONS, **kw)
+    data = DigitsMembership(n_suspect=15, n_reference=16, batch_size=6)
+    trainer = Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto", logger=False,
+                      default_root_dir=str(tmp_path), enable_progress_bar=False, enable_model_summary=False,
+                      enable_checkpointing=False, callbacks=list(callbacks))
+    trainer.test(model, datamodule=data)
+    path = tmp_path / "features.pt"
+    return load_features_cache(path) if path.is_file() else None
+
+
+def test_ddp_two_processes_give_the_same_features(tmp_path):
+    one = run(tmp_path / "one", 1)
+    two = run(tmp_path / "two", 2)  # 31 samples over 2 ranks: the sampler pads one duplicate
+    assert one["names"] == two["names"] and len(one["index"]) == 31
+    torch.testing.assert_close(two["index"], one["index"])
+    torch.testing.assert_close(two["is_member"], one["is_member"])
+    torch.testing.assert_close(two["features"], one["features"], rtol=1e-4, atol=1e-6)
+
+
+def test_callbacks_and_features_cache(tmp_path, capsys):
+    cbs = [MembershipMetrics(), DatasetInference(trials=20, null_trials=50, contamination_ratios=[0.0, 1.0], contamination_trials=10, ablation_trials=10)]
+    first = run(tmp_path / "a", 1, cbs)
+    summary = json.loads((tmp_path / "a" / "cdi" / "summary.json").read_text())
+    assert summary["n_members"] == 15 and summary["n_nonmembers"] == 16 and 0 <= summary["null_false_positive_rate"] <= 1
+    assert (tmp_path / "a" / "mia" / "metrics.csv").read_text().count("\n") == len(first["names"]) + 2
+    assert (tmp_path / "a" / "plots" / "cdi_pvalue_vs_size.png").is_file()
+    ablation = (tmp_path / "a" / "cdi" / "ablation.csv").read_text()
+    assert "existing+gm" in ablation and "all_gray_box" in ablation
+    # Re-analysis from the cache: the model folder does not exist, identical statistics.
+    run(tmp_path / "b", 1, cbs, target=PixelUNetTarget(path=str(tmp_path / "no_model")), features_cache=str(tmp_path / "a" / "features.pt"))
+    again = json.loads((tmp_path / "b" / "cdi" / "summary.json").read_text())
+    assert again == summary
+    assert "Per-feature MIA" in capsys.readouterr().out
+
+
+def test_missing_inputs_fail_clearly(tmp_path):
+    with pytest.raises(ValueError, match="needs a target model"):
+        DiffusionAttack(target=None)
+    with pytest.raises(FileNotFoundError, match="features cache"):
+        DiffusionAttack(target=None, features_cache=str(tmp_path / "nope.pt"))
+    with pytest.raises(FileNotFoundError, match="pixel diffusion model folder"):
+        DiffusionAttack(target=PixelUNetTarget(path=str(tmp_path / "missing"))).setup("test")

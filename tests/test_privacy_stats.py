@@ -1,0 +1,142 @@
+"""Dataset-inference statistics against scipy / sklearn and hand-made cases."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats as sps
+
+from rsgm.privacy import stats as S
+
+
+def test_welch_matches_scipy_one_sided():
+    rng = np.random.default_rng(0)
+    a = rng.normal(0.3, 1.0, size=(7, 40))
+    b = rng.normal(0.0, 2.0, size=(7, 25))
+    t, df, p = S.welch_t_test(torch.from_numpy(a), torch.from_numpy(b))
+    ref = sps.ttest_ind(a, b, axis=-1, equal_var=False, alternative="greater")
+    np.testing.assert_allclose(t.numpy(), ref.statistic, rtol=1e-10)
+    np.testing.assert_allclose(p.numpy(), ref.pvalue, rtol=1e-8)
+    np.testing.assert_allclose(df.numpy(), ref.df, rtol=1e-10)
+
+
+def test_welch_rejects_tiny_groups():
+    with pytest.raises(ValueError, match="at least 2"):
+        S.welch_t_test(torch.ones(1), torch.ones(3))
+
+
+def test_power_matches_monte_carlo_and_normal_limit():
+    # Large samples: the noncentral t power approaches Phi(nc - z_{1-alpha}).
+    d, n = 0.1, 5000
+    nc = d * np.sqrt(n * n / (2 * n))
+    np.testing.assert_allclose(float(S.ttest_power(d, n, n, 0.01)), sps.norm.sf(sps.norm.isf(0.01) - nc), atol=2e-3)
+    # Small samples: rejection rate of the one-sided pooled t-test under effect d.
+    rng = np.random.default_rng(1)
+    n1, n2, d = 12, 18, 0.8
+    a = rng.normal(d, 1, size=(40000, n1))
+    b = rng.normal(0, 1, size=(40000, n2))
+    rate = (sps.ttest_ind(a, b, axis=1, alternative="greater").pvalue < 0.05).mean()
+    assert abs(float(S.ttest_power(d, n1, n2, 0.05)) - rate) < 0.01
+
+
+def test_cohen_d_hand_computed():
+    a, b = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.0, 2.0])
+    pooled = np.sqrt((2 * 1.0 + 1 * 2.0) / 3)
+    assert float(S.cohen_d(a, b)) == pytest.approx(1.0 / pooled)
+
+
+def test_batched_logistic_matches_sklearn():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(3, 60, 4)) * np.array([1, 10, 0.1, 3])
+    y = (rng.random(60) < 0.5).astype(float)
+    w = (rng.random((3, 60)) < 0.8).astype(float)
+    beta, b0, mean, scale = S.batched_logistic_regression(torch.from_numpy(X), torch.from_numpy(y), torch.from_numpy(w), C=0.7)
+    for i in range(3):
+        m = w[i] > 0
+        sc = StandardScaler().fit(X[i][m])
+        lr = LogisticRegression(C=0.7, tol=1e-10, max_iter=10000).fit(sc.transform(X[i][m]), y[m])
+        np.testing.assert_allclose(beta[i].numpy(), lr.coef_[0], atol=1e-6)
+        np.testing.assert_allclose(float(b0[i]), lr.intercept_[0], atol=1e-6)
+        np.testing.assert_allclose(scale[i].numpy(), sc.scale_, rtol=1e-10)
+
+
+def test_cross_fit_never_scores_with_a_model_that_saw_the_sample():
+    rng = np.random.default_rng(0)
+    FP, FU = rng.normal(size=(23, 3)), rng.normal(size=(31, 3))
+    # Column 0 becomes a unique sample id; the spy model records ids it was fitted on.
+    FP[:, 0], FU[:, 0] = np.arange(23), 100 + np.arange(31)
+    scored = []
+
+    def spy(X_train, y_train, X_test):
+        seen = set(X_train[:, 0].tolist())
+        ids = X_test[:, 0].tolist()
+        assert not seen.intersection(ids)
+        scored.extend(ids)
+        return S.sklearn_fit_score(X_train, y_train, X_test)
+
+    S.cross_fit_scores(FP, FU, k=5, seed=3, fit_score=spy)
+    assert sorted(scored) == sorted(FP[:, 0].tolist() + FU[:, 0].tolist())  # each exactly once
+
+
+def test_batched_cross_fit_scores_ignore_held_out_fold():
+    # Changing one sample's features must leave every other score of its own fold unchanged
+    # (its fold's model never saw it) and change the scores of the other folds.
+    rng = np.random.default_rng(0)
+    members, nonmembers = torch.from_numpy(rng.normal(0.5, 1, (40, 3))), torch.from_numpy(rng.normal(0, 1, (40, 3)))
+    draw = S.draw_trials(40, 40, 20, 20, trials=1, k=5, seed=1)
+    base = S.batched_cdi(members, nonmembers, draw)
+    victim = int(draw.idx_p[0, 0])
+    poisoned = members.clone()
+    poisoned[victim] += 50.0
+    after = S.batched_cdi(poisoned, nonmembers, draw)
+    fold = torch.cat([draw.fold_p[0], draw.fold_u[0]])
+    sc0, sc1 = torch.cat([base["sP"][0], base["sU"][0]]), torch.cat([after["sP"][0], after["sU"][0]])
+    same_fold = fold == fold[0]
+    same_fold[0] = False
+    torch.testing.assert_close(sc0[same_fold], sc1[same_fold])
+    assert (sc0[fold != fold[0]] - sc1[fold != fold[0]]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("shift,n_p,n_u", [(0.3, 30, 30), (0.0, 20, 40), (0.15, 50, 25)])
+def test_batched_cdi_matches_sklearn_loop(shift, n_p, n_u):
+    rng = np.random.default_rng(0)
+    members = torch.from_numpy(rng.normal(shift, 1, (120, 6)) * np.array([1, 2, 5, 1, 0.5, 1]))
+    nonmembers = torch.from_numpy(rng.normal(0, 1, (150, 6)) * np.array([1, 2, 5, 1, 0.5, 1]))
+    draw = S.draw_trials(120, 150, n_p, n_u, trials=25, k=5, seed=2)
+    fast = S.batched_cdi(members, nonmembers, draw)["p"].numpy()
+    slow = S.loop_cdi(members, nonmembers, draw, tol=1e-8)
+    np.testing.assert_allclose(fast, slow, atol=1e-3)
+    np.testing.assert_allclose(fast, slow, atol=1e-6)  # the exact optimum agrees far tighter
+
+
+def test_draw_trials_disjoint_and_contaminated():
+    draw = S.draw_trials(50, 80, 20, 30, trials=10, contamination=0.25, seed=0)
+    for i in range(10):
+        p, u = set(draw.idx_p[i].tolist()), set(draw.idx_u[i].tolist())
+        assert len(p) == 20 and len(u) == 30 and not p & u
+        assert sum(j >= 50 for j in p) == 5 and all(j >= 50 for j in u)
+    with pytest.raises(ValueError, match="non-members"):
+        S.draw_trials(50, 39, 20, 30, trials=1, contamination=0.5)
+
+
+def test_curve_min_size_and_null_experiment():
+    rng = np.random.default_rng(0)
+    members = torch.from_numpy(rng.normal(0.4, 1, (400, 4)))
+    nonmembers = torch.from_numpy(rng.normal(0, 1, (400, 4)))
+    curve = S.pvalue_curve(members, nonmembers, [10, 50, 200], trials=200, progress=False)
+    means = [r["mean_p"] for r in curve]
+    assert means[0] > means[1] > means[2] and means[2] < 0.01
+    assert S.min_suspect_size(curve) == 200
+    null = S.null_experiment(nonmembers, 100, trials=300)
+    assert null["false_positive_rate"] <= 0.03 and 0.3 < null["mean_p"] < 0.6
+
+
+def test_pvalue_to_tpr_separated_runs():
+    assert S.pvalue_to_tpr(torch.full((50,), 1e-5), torch.linspace(0.02, 1, 100)) == 1.0
+    assert S.pvalue_to_tpr(torch.linspace(0.02, 1, 50), torch.full((100,), 1e-5)) == 0.0
+
+
+def test_default_grid():
+    assert S.default_size_grid(300) == [2, 3, 4, 5, 6, 7, 8, 9, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 200, 300]
