@@ -99,16 +99,17 @@ class PeakRegressor(nn.Module):
 class MLPGenerator(nn.Module):
     """G(z, c) for vector data such as the 2-D benchmark points.
 
-    ``noise_gain=True`` scales z by a learned, condition-dependent positive gain before the
-    MLP, which makes it easy for the generator to give some conditions more spread than
-    others; it changes the architecture only, identically for every regulariser.
+    ``noise_gain=True`` scales z by a learned, condition-dependent positive gain
+    ``exp(W c + b)`` before the MLP (log-parameterised, so the spread of a condition can
+    change by orders of magnitude); it changes the architecture only, identically for every
+    regulariser.
     """
 
     def __init__(self, out_dim: int = 2, noise_dim: int = 8, cond_dim: int = 10, hidden: int = 128, depth: int = 3,
                  noise_gain: bool = False) -> None:
         super().__init__()
         self.noise_dim, self.cond_dim = noise_dim, cond_dim
-        self.gain = nn.Sequential(nn.Linear(cond_dim, noise_dim), nn.Softplus()) if noise_gain else None
+        self.log_gain = nn.Linear(cond_dim, noise_dim) if noise_gain else None
         layers: list[nn.Module] = []
         d = noise_dim + cond_dim
         for _ in range(depth):
@@ -117,8 +118,8 @@ class MLPGenerator(nn.Module):
         self.net = nn.Sequential(*layers, nn.Linear(d, out_dim))
 
     def forward(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        if self.gain is not None:
-            z = z * self.gain(cond)
+        if self.log_gain is not None:
+            z = z * self.log_gain(cond).exp()
         return self.net(torch.cat([z, cond], dim=1))
 
 
