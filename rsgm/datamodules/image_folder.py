@@ -15,6 +15,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from rsgm.datamodules.b4b_testbed import Account, Task, _QueryDataset
+from rsgm.utils.images import resize_center_crop
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -23,14 +24,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 def load_image(path: Path, size: int) -> torch.Tensor:
     """RGB, shorter side resized to size * 8/7, centre crop ``size``, ImageNet normalisation."""
     with Image.open(path) as im:
-        im = im.convert("RGB")
-        short = round(size * 8 / 7)
-        w, h = im.size
-        scale = short / min(w, h)
-        im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
-        w, h = im.size
-        left, top = (w - size) // 2, (h - size) // 2
-        im = im.crop((left, top, left + size, top + size))
+        im = resize_center_crop(im, size, short_side=round(size * 8 / 7), resample=Image.BILINEAR)
         x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1).float() / 255
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     return (x - mean) / std

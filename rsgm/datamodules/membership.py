@@ -26,6 +26,8 @@ from lightning.pytorch import LightningDataModule
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from rsgm.utils.images import resize_center_crop
+
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 
 
@@ -35,13 +37,7 @@ IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 def center_crop_resize(img: Image.Image, size: int) -> torch.Tensor:
     """ADM/DiT preprocessing: resize the shorter side to ``size`` (bicubic), center-crop a
     ``size`` x ``size`` square, and map to a (3, size, size) tensor in [-1, 1]."""
-    img = img.convert("RGB")
-    w, h = img.size
-    scale = size / min(w, h)
-    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-    w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
-    img = img.crop((left, top, left + size, top + size))
+    img = resize_center_crop(img, size)
     arr = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)
     return arr / 127.5 - 1.0
 
