@@ -9,15 +9,14 @@ At test it also writes ``test_channel_w1.json`` into the run folder.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 
+from rsgm.callbacks.evaluation import SplitEvaluation
 from rsgm.metrics.wasserstein import ChannelWasserstein
 from rsgm.physics.channels import CHANNEL_NAMES, QUADRANTS, ChannelLayout
-from rsgm.utils.figures import plt, run_dir, save_figure
+from rsgm.utils.figures import plt, save_figure
 
 
 def channel_histogram_figure(real: np.ndarray, fake: np.ndarray, title: str) -> plt.Figure:
@@ -53,7 +52,7 @@ def sample_grid_figure(real: np.ndarray, fake: np.ndarray, title: str) -> plt.Fi
     return fig
 
 
-class ChannelWassersteinCallback(Callback):
+class ChannelWassersteinCallback(SplitEvaluation):
     """Args:
         quadrant_parity, quadrant_order: the PMT mask layout (see ``rsgm.physics.channels``).
         quartile_edges: 5 fixed photon-sum edges for the quartile table; default: the
@@ -62,11 +61,13 @@ class ChannelWassersteinCallback(Callback):
         n_grid: responses shown in the sample grid.
     """
 
+    test_file = "test_channel_w1.json"
+
     def __init__(self, quadrant_parity: int = 1, quadrant_order: tuple[str, str, str, str] = QUADRANTS,
                  quartile_edges: list[float] | None = None, plot_every_n_epochs: int = 1, n_grid: int = 8) -> None:
+        super().__init__(plot_every_n_epochs)
         self.layout = ChannelLayout(quadrant_parity, tuple(quadrant_order))
         self.quartile_edges = quartile_edges
-        self.plot_every_n_epochs = plot_every_n_epochs
         self.n_grid = n_grid
         self.metrics: dict[str, ChannelWasserstein] = {}
         self.grid: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -78,13 +79,13 @@ class ChannelWassersteinCallback(Callback):
         for split in ("val", "test"):
             self.metrics[split] = ChannelWasserstein(shape, self.layout, self.quartile_edges).to(pl_module.device)
 
-    def _update(self, split: str, outputs: dict[str, torch.Tensor]) -> None:
+    def update(self, split: str, outputs: dict[str, torch.Tensor]) -> None:
         self.metrics[split].update(outputs["real"], outputs["fake"], outputs["index"])
         if split not in self.grid:
             k = self.n_grid
             self.grid[split] = (outputs["real"][:k, 0].cpu().numpy(), outputs["fake"][:k, 0].cpu().numpy())
 
-    def _finish(self, split: str, trainer: Trainer, pl_module: LightningModule, plot: bool) -> dict[str, float]:
+    def finish(self, split: str, trainer: Trainer, pl_module: LightningModule, plot: bool) -> dict[str, float]:
         result = self.metrics[split].compute()
         scalars = {f"{split}/w1_mean": float(result["w1_mean"])}
         scalars.update({f"{split}/w1_{name}": float(v) for name, v in zip(CHANNEL_NAMES, result["w1"])})
@@ -101,23 +102,3 @@ class ChannelWassersteinCallback(Callback):
         self.grid.pop(split, None)
         scalars[f"{split}/quartile_edges"] = [float(e) for e in result["quartile_edges"]]
         return scalars
-
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if not trainer.sanity_checking:
-            self._update("val", outputs)
-
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        every = self.plot_every_n_epochs
-        self._finish("val", trainer, pl_module, plot=every > 0 and (trainer.current_epoch + 1) % every == 0)
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._update("test", outputs)
-
-    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        scalars = self._finish("test", trainer, pl_module, plot=True)
-        if trainer.is_global_zero:
-            path = run_dir(trainer) / "test_channel_w1.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(scalars, indent=2))

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 
+from rsgm.callbacks.evaluation import SplitEvaluation
 from rsgm.metrics.gather import GatheredSamples
 from rsgm.metrics.synthetic2d import synthetic2d_report
-from rsgm.utils.figures import plt, run_dir, save_figure
+from rsgm.utils.figures import plt, save_figure
 
 
 def scatter_figure(real: np.ndarray, fake: np.ndarray, spread: np.ndarray, title: str) -> plt.Figure:
@@ -24,24 +23,26 @@ def scatter_figure(real: np.ndarray, fake: np.ndarray, spread: np.ndarray, title
     return fig
 
 
-class Synthetic2DCallback(Callback):
+class Synthetic2DCallback(SplitEvaluation):
     """Logs ``{val,test}/var_spread{0,1}`` and ``/w1_spread{0,1}``; at test also writes
     ``test_synthetic2d.json`` and a scatter plot of real vs generated points."""
 
+    test_file = "test_synthetic2d.json"
+
     def __init__(self, plot_every_n_epochs: int = 0) -> None:
-        self.plot_every_n_epochs = plot_every_n_epochs
+        super().__init__(plot_every_n_epochs)
         self.samples: dict[str, GatheredSamples] = {}
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         for split in ("val", "test"):
             self.samples[split] = GatheredSamples(["real", "fake", "label", "spread"]).to(pl_module.device)
 
-    def _update(self, split: str, outputs: dict) -> None:
+    def update(self, split: str, outputs: dict) -> None:
         batch = outputs["batch"]
         self.samples[split].update(outputs["index"], real=outputs["real"], fake=outputs["fake"],
                                    label=batch["label"], spread=batch["spread"])
 
-    def _finish(self, split: str, trainer: Trainer, pl_module: LightningModule, plot: bool) -> dict[str, float]:
+    def finish(self, split: str, trainer: Trainer, pl_module: LightningModule, plot: bool) -> dict[str, float]:
         s = self.samples[split].compute()
         self.samples[split].reset()
         scale = trainer.datamodule.hparams.scale
@@ -52,20 +53,3 @@ class Synthetic2DCallback(Callback):
             fig = scatter_figure(real.numpy(), fake.numpy(), s["spread"].cpu().numpy(), f"{split}, epoch {trainer.current_epoch}")
             save_figure(trainer, fig, f"{split}_points_epoch{trainer.current_epoch:03d}")
         return report
-
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if not trainer.sanity_checking:
-            self._update("val", outputs)
-
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.sanity_checking:
-            every = self.plot_every_n_epochs
-            self._finish("val", trainer, pl_module, plot=every > 0 and (trainer.current_epoch + 1) % every == 0)
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._update("test", outputs)
-
-    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        report = self._finish("test", trainer, pl_module, plot=True)
-        if trainer.is_global_zero:
-            (run_dir(trainer) / "test_synthetic2d.json").write_text(json.dumps(report, indent=2))

@@ -14,6 +14,7 @@ proton sample), 0.25 a compact one with about 12x fewer FLOPs.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -30,10 +31,15 @@ def _conv_block(c_in: int, c_out: int) -> list[nn.Module]:
 
 
 class ZDCGenerator(nn.Module):
-    """G(z, c) -> a (1, H, W) response in log1p photon space (non-negative)."""
+    """G(z, c) -> a (1, H, W) response in log1p photon space.
+
+    The output is clipped to [0, log1p(max_photons)] (a ReLU6-style bound): no fibre sees
+    more photons than a whole shower holds (3,360 at most in the published neutron data),
+    and the bound keeps a briefly unstable generator from emitting exp(20)-photon pixels.
+    """
 
     def __init__(self, detector: Literal["neutron", "proton"] = "neutron", noise_dim: int = 10, cond_dim: int = 9,
-                 width: float = 1.0) -> None:
+                 width: float = 1.0, max_photons: float = 4000.0) -> None:
         super().__init__()
         if detector not in IMAGE_SHAPES:
             raise ValueError(f"unknown detector {detector!r}; choose one of {sorted(IMAGE_SHAPES)}")
@@ -50,7 +56,7 @@ class ZDCGenerator(nn.Module):
         self.convs = nn.Sequential(
             nn.Upsample(size=mid), *_conv_block(c0, c1), *_conv_block(c1, c1),
             nn.Upsample(size=self.image_shape), *_conv_block(c1, c2), *_conv_block(c2, c2),
-            nn.Conv2d(c2, 1, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(c2, 1, 3, padding=1), nn.Hardtanh(0.0, math.log1p(max_photons)),
         )
 
     def forward(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
