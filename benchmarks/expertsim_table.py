@@ -1,0 +1,117 @@
+"""ExpertSim against the single-model baselines on the synthetic ZDC (thesis Tables 5.4.2,
+5.5.1 and 5.5.3) under one fixed CPU budget.
+
+Every row is a config from ``configs/`` run through the ``rsgm`` command: ``fit`` for
+``--budget-s`` seconds of training (``trainer.max_time``), then ``test`` on the whole test
+split. All rows share the data (same simulator seed and split), the compact generator
+(``--width``), the learning rates and the evaluation; only the model seed changes between
+repetitions. The table gives the mean channel W1 (and per intensity quartile) as
+mean ± std over seeds, the training steps each run managed, and for ExpertSim rows the
+smallest expert share and the experts' mean generated intensities (Table 5.5.1).
+
+    python benchmarks/expertsim_table.py --budget-s 120 --seeds 0 1 2
+    python benchmarks/expertsim_table.py --rows zdc_gan expertsim expertsim_no_ldiff expertsim_no_lutil
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rsgm.cli import main as rsgm
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+DEFAULT_ROWS = ["zdc_gan", "zdc_sdigan", "zdc_sdigan_ir", "zdc_sdigan_ir_ar", "expertsim", "expertsim_no_ldiff",
+                "expertsim_no_lutil"]
+
+
+def run_row(row: str, seed: int, args: argparse.Namespace, root: Path) -> dict:
+    expert = row.startswith("expertsim")
+    common = ["--config", str(CONFIGS / f"{row}.yaml"), "--logger", "csv", "--run_dir", str(root), "--run_name", f"{row}-s{seed}",
+              "--seed_everything", str(seed), "--data.n_synthetic", str(args.n_synthetic), "--data.batch_size", str(args.batch_size),
+              "--data.eval_batch_size", "1024", "--model.generator.init_args.width", str(args.width),
+              "--model.lr_g", str(args.lr_g), "--model.lr_d", str(args.lr_d), "--trainer.enable_progress_bar", "false",
+              "--trainer.enable_model_summary", "false"]
+    if expert:
+        common += ["--model.lr_router", str(args.lr_router)]
+    os.environ.pop("RSGM_RUN_DIR", None)
+    rsgm(["fit", *common, "--trainer.max_epochs", "10000", "--trainer.max_time", _max_time(args.budget_s),
+          "--trainer.limit_val_batches", "0"])
+    fit_dir = max((root / f"{row}-s{seed}").glob("fit-*"))
+    ckpt = fit_dir / "checkpoints" / "last.ckpt"
+    loops = torch.load(ckpt, map_location="cpu", weights_only=False)["loops"]
+    steps = int(loops["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"])  # training batches
+    os.environ.pop("RSGM_RUN_DIR", None)
+    rsgm(["test", *common, "--ckpt_path", str(ckpt)])
+    test_dir = max((root / f"{row}-s{seed}").glob("test-*"))
+    result = json.loads((test_dir / "test_channel_w1.json").read_text())
+    out = {"w1": result["test/w1_mean"], "q": [result[f"test/w1_q{q}"] for q in range(1, 5)], "steps": steps}
+    if expert:
+        experts = json.loads((test_dir / "test_experts.json").read_text())
+        out["min_share"] = min(e["share"] for e in experts)
+        out["means"] = [e["mean_intensity"] for e in experts]
+    return out
+
+
+def _max_time(seconds: int) -> str:
+    return f"00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def fmt(values: list[float], digits: int = 2) -> str:
+    a = np.asarray(values, dtype=float)
+    return f"{a.mean():.{digits}f} ± {a.std(ddof=1) if len(a) > 1 else 0.0:.{digits}f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, help="config names in configs/")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--budget-s", type=int, default=120, help="training seconds per run (trainer.max_time)")
+    parser.add_argument("--n-synthetic", type=int, default=6000)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--width", type=float, default=0.125, help="generator width (1.0 = thesis size)")
+    parser.add_argument("--lr-g", type=float, default=1e-3)
+    parser.add_argument("--lr-d", type=float, default=1e-4)
+    parser.add_argument("--lr-router", type=float, default=1e-3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=None, help="folder for the runs (default: a temporary folder)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    missing = [r for r in args.rows if not (CONFIGS / f"{r}.yaml").is_file()]
+    if missing:
+        raise FileNotFoundError(f"no config for rows {missing} in {CONFIGS}")
+
+    root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="expertsim_table_"))
+    results: dict[str, list[dict]] = {}
+    for row in args.rows:
+        for seed in args.seeds:
+            results.setdefault(row, []).append(run_row(row, seed, args, root))
+            r = results[row][-1]
+            print(f"[{row} seed {seed}] w1 {r['w1']:.3f}, batches {r['steps']}"
+                  + (f", min share {r['min_share']:.2f}, expert means {[round(m, 1) for m in r['means']]}" if "means" in r else ""),
+                  flush=True)
+
+    print(f"\nsynthetic ZDC neutron, {args.n_synthetic} samples, width {args.width}, {args.budget_s} s training per run, "
+          f"seeds {args.seeds}")
+    header = f"{'model':<22} {'W1 mean':>14} {'Q1':>8} {'Q2':>8} {'Q3':>8} {'Q4':>8} {'batches':>7} {'min share':>9}  expert mean intensities"
+    print(header)
+    print("-" * len(header))
+    for row, rs in results.items():
+        q = np.array([r["q"] for r in rs]).mean(0)
+        line = (f"{row:<22} {fmt([r['w1'] for r in rs]):>14} " + " ".join(f"{v:>8.2f}" for v in q)
+                + f" {np.mean([r['steps'] for r in rs]):>7.0f}")
+        if "means" in rs[0]:
+            means = np.array([r["means"] for r in rs], dtype=float)
+            line += f" {min(r['min_share'] for r in rs):>9.2f}  " + " / ".join(f"{m:.0f}" for m in np.nanmean(means, 0))
+        print(line)
+    print(f"runs kept in {root}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,316 @@
+"""ExpertSim: a router plus N expert conditional GANs simulating the ALICE ZDC (thesis ch. 5).
+
+Every expert is a full :class:`~rsgm.lightning_modules.sdi_gan.ConditionalGAN` (generator,
+discriminator and auxiliary peak regressor) with the SDI-GAN + intensity + auxiliary
+objective, eq. 5.5, computed by the very code the single-model baselines use. The experts
+are built from one generator / discriminator / regressor given in the config: each is an
+independent deep copy with freshly re-initialised weights, so no tensor is shared.
+
+Training step (manual optimisation):
+
+1. the router assigns every sample of the batch to one expert with a straight-through
+   Gumbel-softmax (``rsgm.components.router``; temperature annealed ``tau_start -> tau_end``);
+2. each expert's discriminator (and regressor) is updated on the real samples routed to it
+   and on its own generated responses for them;
+3. each expert's generator loss, eq. 5.5, is computed on its routed sub-batch;
+4. the generators and the router take one step on eq. 5.8:
+   ``sum_i L(G_i, D_i) + lambda_util * L_util + lambda_diff * L_diff``.
+
+How eq. 5.8 reaches the router (the thesis leaves it open, spec §2.4):
+
+* expert losses: ``L_i.detach() * straight_through_share(gates_i)`` adds 0 to the value
+  and gives every sample routed to expert i the gradient ``L_i / B`` on its gate, so the
+  router moves samples away from experts with a high loss (see ``straight_through_share``);
+* L_util: minus the entropy of the batch-mean gate probabilities, minimised (entropy
+  maximisation, the sign the text intends);
+* L_diff: the experts' mean generated intensities, with the straight-through gates as the
+  sample weights. Its intensities are detached, so it trains the router only: applied to
+  the generators it would be unbounded below. With ``diff_relative`` (default) the
+  intensities are divided by the batch's mean real photon sum. In raw photon counts the
+  thesis' lambda_diff = 1e-4 outweighs lambda_util = 0.01 by orders of magnitude on data
+  as bright as the synthetic ZDC, and maximising the spread of expert means then shrinks
+  the brightest expert until the routing collapses (measured; docs/expertsim.md).
+
+An expert that receives fewer than two samples in a batch sits that step out
+(BatchNorm needs two samples in training mode).
+
+Inference draws each condition's expert as in training (``inference_routing="sample"``,
+seeded Gumbel-max; see ``rsgm.components.router``) or takes the argmax, and gives every
+expert its whole routed sub-batch in one call; one index tensor per expert gathers its
+inputs and scatters its outputs back, so a condition can never be paired with another
+expert's output.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+
+from rsgm.components.router import Router, annealed_temperature
+from rsgm.datamodules.zdc import model_space_to_counts
+from rsgm.lightning_modules.sdi_gan import ConditionalGAN, Diversity, RNGStateInCheckpoint, check_output_shape
+from rsgm.losses.gan import auxiliary_loss, discriminator_loss
+from rsgm.losses.routing import differentiation_loss, utilisation_loss
+
+
+def fresh_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` with every layer re-initialised: same architecture, no
+    shared tensors, independent initial weights."""
+    clone = copy.deepcopy(module)
+    for layer in clone.modules():
+        if hasattr(layer, "reset_parameters"):
+            layer.reset_parameters()
+    return clone
+
+
+def build_experts(n_experts: int, generator: nn.Module, discriminator: nn.Module, aux_regressor: nn.Module | None,
+                  **objective) -> nn.ModuleList:
+    """``n_experts`` independent ConditionalGANs sharing only their hyperparameters.
+
+    Kept outside ``ExpertSim.__init__`` so each expert's ``save_hyperparameters`` records
+    its own arguments only.
+    """
+    return nn.ModuleList(
+        ConditionalGAN(fresh_copy(generator), fresh_copy(discriminator),
+                       None if aux_regressor is None else fresh_copy(aux_regressor), **objective)
+        for _ in range(n_experts)
+    )
+
+
+def straight_through_share(gates: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``sum(y - stop_gradient(y)) / batch_size`` over one expert's straight-through gates.
+
+    Its value is 0 (up to rounding) and its gradient is that of the expert's share of the
+    batch, so ``L_i.detach() * straight_through_share(...)`` adds nothing to eq. 5.8's value
+    but pushes every routed sample away from expert i in proportion to L_i, the same for
+    each sample of every expert. (Weighting by the per-expert *mean* instead, 1 / n_i per
+    sample, drives small experts' samples out fastest and collapsed the routing.)
+    """
+    return (gates - gates.detach()).sum() / batch_size
+
+
+class ExpertSim(RNGStateInCheckpoint, LightningModule):
+    """Mixture of generative experts with a trained router.
+
+    Args:
+        generator, discriminator, aux_regressor: the template of one expert; every expert
+            is an independent re-initialised copy.
+        n_experts: number of experts N (thesis default 3).
+        lambda_util, lambda_diff: router loss weights (thesis defaults 0.01, 1e-4).
+        diff_relative: L_diff on photon sums divided by the batch's mean real photon sum
+            (default) instead of raw photon counts.
+        inference_routing: ``sample`` (the training-time routing distribution) or ``argmax``.
+        router_hidden: hidden widths of the router MLP.
+        tau_start, tau_end: Gumbel-softmax temperature at the start and end of training.
+        diversity, image_distance, lambda_div, lambda_in, lambda_aux: each expert's eq. 5.5
+            (see :class:`~rsgm.lightning_modules.sdi_gan.ConditionalGAN`).
+        lr_g, lr_d, lr_aux, lr_router: Adam learning rates (betas 0.5, 0.999).
+        data_space: ``log1p`` for ZDC images.
+        eval_seed: seed of the evaluation noise.
+    """
+
+    def __init__(
+        self,
+        generator: nn.Module,
+        discriminator: nn.Module,
+        aux_regressor: nn.Module | None = None,
+        n_experts: int = 3,
+        lambda_util: float = 0.01,
+        lambda_diff: float = 1e-4,
+        diff_relative: bool = True,
+        inference_routing: Literal["sample", "argmax"] = "sample",
+        router_hidden: list[int] = (128, 64, 32),
+        tau_start: float = 1.2,
+        tau_end: float = 0.8,
+        diversity: Diversity = "selective",
+        image_distance: Literal["features", "pixel"] = "features",
+        lambda_div: float = 0.1,
+        lambda_in: float = 1e-3,
+        lambda_aux: float = 1e-3,
+        lr_g: float = 1e-4,
+        lr_d: float = 1e-5,
+        lr_aux: float = 1e-4,
+        lr_router: float = 1e-4,
+        data_space: Literal["log1p", "linear"] = "log1p",
+        eval_seed: int = 1234,
+    ) -> None:
+        super().__init__()
+        if n_experts < 1:
+            raise ValueError(f"n_experts must be at least 1, got {n_experts}")
+        if inference_routing not in ("sample", "argmax"):
+            raise ValueError(f"inference_routing must be sample or argmax, got {inference_routing!r}")
+        if tau_start <= 0 or tau_end <= 0:
+            raise ValueError(f"Gumbel-softmax temperatures must be positive, got {tau_start} and {tau_end}")
+        if lambda_aux > 0 and aux_regressor is None:
+            raise ValueError("lambda_aux > 0 needs an aux_regressor (model.aux_regressor: rsgm.components.gan.PeakRegressor)")
+        self.save_hyperparameters(ignore=["generator", "discriminator", "aux_regressor"])
+        self.automatic_optimization = False
+        self.experts = build_experts(n_experts, generator, discriminator, aux_regressor, diversity=diversity,
+                                     image_distance=image_distance, lambda_div=lambda_div, lambda_in=lambda_in,
+                                     lambda_aux=lambda_aux, data_space=data_space)
+        self.router = Router(n_experts, cond_dim=generator.cond_dim, hidden=tuple(router_hidden))
+        self.noise_dim = generator.noise_dim
+
+    # -- setup ---------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        check_output_shape(self.experts[0].generator, getattr(self.trainer, "datamodule", None))
+
+    def expert_parameters(self, part: str) -> list[nn.Parameter]:
+        """The parameters of one part (``generator``, ``discriminator``, ``aux_regressor``) of every expert."""
+        return [p for e in self.experts for p in getattr(e, part).parameters()]
+
+    def configure_optimizers(self):
+        hp, betas = self.hparams, (0.5, 0.999)
+        opts = [torch.optim.Adam(self.expert_parameters("generator"), lr=hp.lr_g, betas=betas),
+                torch.optim.Adam(self.expert_parameters("discriminator"), lr=hp.lr_d, betas=betas),
+                torch.optim.Adam(self.router.parameters(), lr=hp.lr_router, betas=betas)]
+        if self.experts[0].aux_regressor is not None:
+            opts.append(torch.optim.Adam(self.expert_parameters("aux_regressor"), lr=hp.lr_aux, betas=betas))
+        return opts
+
+    def to_output_space(self, x: torch.Tensor) -> torch.Tensor:
+        return model_space_to_counts(x) if self.hparams.data_space == "log1p" else x
+
+    def temperature(self, batch_idx: int) -> float:
+        """The Gumbel-softmax temperature at this point of training (linear in epochs)."""
+        trainer = self._trainer
+        if trainer is None or trainer.max_epochs is None or trainer.max_epochs < 1:
+            return self.hparams.tau_end
+        n_batches = trainer.num_training_batches
+        within = batch_idx / n_batches if 0 < n_batches < float("inf") else 0.0
+        progress = (trainer.current_epoch + within) / trainer.max_epochs
+        return annealed_temperature(progress, self.hparams.tau_start, self.hparams.tau_end)
+
+    # -- training ------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        hp = self.hparams
+        opt_g, opt_d, opt_router, *opt_aux = self.optimizers()
+        x, c = batch["x"], batch["cond"]
+        tau = self.temperature(batch_idx)
+        gates, probs = self.router.route(c, tau)
+        expert_of = gates.detach().argmax(dim=1)
+        routed = [torch.nonzero(expert_of == i).squeeze(1) for i in range(hp.n_experts)]
+        active = [i for i, idx in enumerate(routed) if len(idx) >= 2]
+        z1, z2 = torch.randn(len(x), self.noise_dim, device=self.device), torch.randn(len(x), self.noise_dim, device=self.device)
+
+        def sub(idx: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {k: v[idx] for k, v in batch.items()}
+
+        # Discriminators (and regressors): each on its own routed real and generated samples.
+        loss_d = x.new_zeros(())
+        loss_aux = x.new_zeros(())
+        for i in active:
+            expert, idx = self.experts[i], routed[i]
+            with torch.no_grad():
+                fake = expert.generator(z1[idx], c[idx])
+            real_logit, _ = expert.discriminator(x[idx], c[idx])
+            fake_logit, _ = expert.discriminator(fake, c[idx])
+            loss_d = loss_d + discriminator_loss(real_logit, fake_logit)
+            if opt_aux:
+                loss_aux = loss_aux + auxiliary_loss(expert.aux_regressor(x[idx]), batch["peak"][idx])
+        if active:
+            opt_d.zero_grad()
+            self.manual_backward(loss_d)
+            opt_d.step()
+            if opt_aux:
+                opt_aux[0].zero_grad()
+                self.manual_backward(loss_aux)
+                opt_aux[0].step()
+
+        # Generators and router: eq. 5.5 per expert on its routed samples, plus eq. 5.8's terms.
+        # The critics are fixed during this step; their gradients would be wasted work.
+        critics = self.expert_parameters("discriminator") + (self.expert_parameters("aux_regressor") if opt_aux else [])
+        for p in critics:
+            p.requires_grad_(False)
+        loss_experts = x.new_zeros(())
+        router_signal = x.new_zeros(())
+        intensity = x.new_zeros(len(x))
+        terms_sum: dict[str, torch.Tensor] = {}
+        for i in active:
+            expert, idx = self.experts[i], routed[i]
+            loss_i, terms, fake = expert.generator_loss(sub(idx), z1[idx], z2[idx], expert.generator,
+                                                        expert.discriminator, expert.aux_regressor)
+            loss_experts = loss_experts + loss_i
+            router_signal = router_signal + loss_i.detach() * straight_through_share(gates[idx, i], len(x))
+            intensity = intensity.index_put((idx,), self.to_output_space(fake.detach()).flatten(1).sum(1))
+            for k, v in terms.items():
+                terms_sum[k] = terms_sum.get(k, 0.0) + v.detach()
+        # L_diff sees only the samples of the experts that generated this step.
+        in_step = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        for i in active:
+            in_step[routed[i]] = True
+        loss_util = utilisation_loss(probs)
+        if hp.diff_relative:
+            intensity = intensity / batch["intensity"].mean().clamp_min(1.0)
+        loss_diff = differentiation_loss(intensity[in_step], gates[in_step][:, active]) if active else x.new_zeros(())
+        loss = loss_experts + router_signal + hp.lambda_util * loss_util + hp.lambda_diff * loss_diff
+        opt_g.zero_grad()
+        opt_router.zero_grad()
+        self.manual_backward(loss)
+        opt_g.step()
+        opt_router.step()
+        for p in critics:
+            p.requires_grad_(True)
+
+        share = torch.bincount(expert_of, minlength=hp.n_experts).float() / len(x)
+        logs = {"train/loss_d": loss_d, "train/loss_g": loss_experts, "train/loss_router": loss,
+                "train/l_util": loss_util, "train/l_diff": loss_diff, "train/tau": torch.tensor(tau)}
+        if opt_aux:
+            logs["train/loss_aux_regressor"] = loss_aux
+        logs.update({f"train/g_{k}": v for k, v in terms_sum.items()})
+        logs.update({f"train/share_expert{i}": share[i] for i in range(hp.n_experts)})
+        self.log_dict(logs, batch_size=len(x))
+        self.log_dict({"loss_d": loss_d, "loss_g": loss_experts}, prog_bar=True, logger=False, batch_size=len(x))
+
+    # -- generation ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def route(self, cond: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The expert id of every condition at inference (see ``inference_routing``)."""
+        return self.router.assign(cond, sample=self.hparams.inference_routing == "sample", generator=generator)
+
+    @torch.inference_mode()
+    def dispatch(self, z: torch.Tensor, cond: torch.Tensor, expert_of: torch.Tensor) -> torch.Tensor:
+        """Model-space responses for ``(z, cond)`` routed to experts ``expert_of``: every
+        expert generates its whole routed sub-batch in one call, and the same index tensor
+        gathers its inputs and scatters its outputs back."""
+        if not len(z) == len(cond) == len(expert_of):
+            raise ValueError(f"dispatch needs as many noise rows, conditions and expert ids, got {len(z)}, {len(cond)}, {len(expert_of)}")
+        out: torch.Tensor | None = None
+        for i, expert in enumerate(self.experts):
+            idx = torch.nonzero(expert_of == i).squeeze(1)
+            if len(idx) == 0:
+                continue
+            fake = expert.generator(z[idx], cond[idx])
+            if out is None:
+                out = fake.new_zeros(len(cond), *fake.shape[1:])
+            out[idx] = fake
+        return out
+
+    @torch.inference_mode()
+    def simulate(self, cond: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Photon-count responses for ``cond`` and the expert id of each (one call per expert)."""
+        z = torch.randn(len(cond), self.noise_dim, generator=generator).to(cond.device)
+        expert_of = self.route(cond, generator)
+        return self.to_output_space(self.dispatch(z, cond, expert_of)), expert_of
+
+    def generate(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Evaluation outputs; noise and routing seeded by the batch's first sample index,
+        so every epoch is compared on the same draws."""
+        gen = torch.Generator().manual_seed(self.hparams.eval_seed + int(batch["index"][0]))
+        fake, expert_of = self.simulate(batch["cond"], gen)
+        return {"real": self.to_output_space(batch["x"]), "fake": fake,
+                "expert": expert_of, "index": batch["index"], "batch": batch}
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        return self.generate(batch)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        return self.generate(batch)
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.generate(batch)["fake"]
+
