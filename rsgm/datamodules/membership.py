@@ -213,7 +213,35 @@ class DigitsMembership(MembershipDataModule):
         return self._x[key], self._y[key]
 
 
-class ImageNetMembership(MembershipDataModule):
+class LocalImageMembership(MembershipDataModule):
+    """Members from a local ``train`` split, non-members from ``val``: subclasses list
+    ``(image path, condition)`` pairs in ``_scan``; images are center-cropped and resized."""
+
+    root: Path
+    image_size: int
+    max_members: int | None
+    max_nonmembers: int | None
+
+    def _scan(self, split: str, limit: int | None) -> list[tuple[str, object]]:
+        raise NotImplementedError
+
+    def _subsample(self, items: list, limit: int | None) -> list:
+        """At most ``limit`` items, a seeded random subset kept in listing order."""
+        if limit is not None and len(items) > limit:
+            keep = np.random.default_rng(self.seed).choice(len(items), limit, replace=False)
+            items = [items[i] for i in sorted(keep)]
+        return items
+
+    def pools(self):
+        return self._scan("train", self.max_members), self._scan("val", self.max_nonmembers)
+
+    def load(self, key):
+        path, condition = key
+        with Image.open(path) as img:
+            return center_crop_resize(img, self.image_size), condition
+
+
+class ImageNetMembership(LocalImageMembership):
     """ImageNet-1k: train images are members, val images non-members (the target's own
     held-out split). Layout ``root/train/<synset>/*.JPEG`` and ``root/val/<synset>/*.JPEG``;
     class ids follow the sorted synset order (the standard 0..999). Images are center-cropped
@@ -239,21 +267,10 @@ class ImageNetMembership(MembershipDataModule):
                 items += [(str(p), cls[s]) for p in sorted(d.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS]
         if not items:
             raise FileNotFoundError(f"no images found under '{folder}/<synset>/'.")
-        if limit is not None and len(items) > limit:
-            keep = np.random.default_rng(self.seed).choice(len(items), limit, replace=False)
-            items = [items[i] for i in sorted(keep)]
-        return items
-
-    def pools(self):
-        return self._scan("train", self.max_members), self._scan("val", self.max_nonmembers)
-
-    def load(self, key):
-        path, label = key
-        with Image.open(path) as img:
-            return center_crop_resize(img, self.image_size), label
+        return self._subsample(items, limit)
 
 
-class COCOCaptionsMembership(MembershipDataModule):
+class COCOCaptionsMembership(LocalImageMembership):
     """COCO 2014 with captions: train2014 images are members, val2014 non-members. Needs
     ``root/train2014/``, ``root/val2014/`` and ``root/annotations/captions_{train,val}2014.json``.
     The condition is the image's first caption (lowest annotation id)."""
@@ -279,18 +296,7 @@ class COCOCaptionsMembership(MembershipDataModule):
         items = [(str(folder / files[i]), first[i][1]) for i in sorted(first) if (folder / files[i]).is_file()]
         if not items:
             raise FileNotFoundError(f"none of the images listed in '{ann}' exist under '{folder}'.")
-        if limit is not None and len(items) > limit:
-            keep = np.random.default_rng(self.seed).choice(len(items), limit, replace=False)
-            items = [items[i] for i in sorted(keep)]
-        return items
-
-    def pools(self):
-        return self._scan("train", self.max_members), self._scan("val", self.max_nonmembers)
-
-    def load(self, key):
-        path, caption = key
-        with Image.open(path) as img:
-            return center_crop_resize(img, self.image_size), caption
+        return self._subsample(items, limit)
 
 
 class CachedFeatures(LightningDataModule):
