@@ -52,7 +52,7 @@ from torch import nn
 
 from rsgm.components.router import Router, annealed_temperature
 from rsgm.datamodules.zdc import model_space_to_counts
-from rsgm.lightning_modules.sdi_gan import ConditionalGAN, Diversity, RNGStateInCheckpoint, check_output_shape
+from rsgm.lightning_modules.sdi_gan import ConditionalGAN, Diversity, RNGStateInCheckpoint, SimulatorEvaluation, check_output_shape
 from rsgm.losses.gan import auxiliary_loss, discriminator_loss
 from rsgm.losses.routing import differentiation_loss, utilisation_loss
 
@@ -93,7 +93,7 @@ def straight_through_share(gates: torch.Tensor, batch_size: int) -> torch.Tensor
     return (gates - gates.detach()).sum() / batch_size
 
 
-class ExpertSim(RNGStateInCheckpoint, LightningModule):
+class ExpertSim(RNGStateInCheckpoint, SimulatorEvaluation, LightningModule):
     """Mixture of generative experts with a trained router.
 
     Args:
@@ -304,13 +304,4 @@ class ExpertSim(RNGStateInCheckpoint, LightningModule):
         fake, expert_of = self.simulate(batch["cond"], gen)
         return {"real": self.to_output_space(batch["x"]), "fake": fake,
                 "expert": expert_of, "index": batch["index"], "batch": batch}
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        return self.generate(batch)
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        return self.generate(batch)
-
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self.generate(batch)["fake"]
 

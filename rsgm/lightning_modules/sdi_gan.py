@@ -48,7 +48,21 @@ class RNGStateInCheckpoint:
             torch.set_rng_state(checkpoint["torch_rng_state"])
 
 
-class ConditionalGAN(RNGStateInCheckpoint, LightningModule):
+class SimulatorEvaluation:
+    """Mixin: validation and test steps return ``self.generate(batch)`` (real and generated
+    responses for the evaluation callbacks); predict returns the generated responses."""
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        return self.generate(batch)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        return self.generate(batch)
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.generate(batch)["fake"]
+
+
+class ConditionalGAN(RNGStateInCheckpoint, SimulatorEvaluation, LightningModule):
     """Conditional GAN with DC-GAN / MS-GAN / SDI-GAN regularisation (manual optimisation).
 
     Args:
@@ -167,12 +181,3 @@ class ConditionalGAN(RNGStateInCheckpoint, LightningModule):
         fake = self.generator(self.evaluation_noise(batch), batch["cond"])
         return {"real": self.to_output_space(batch["x"]), "fake": self.to_output_space(fake),
                 "index": batch["index"], "batch": batch}
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        return self.generate(batch)
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        return self.generate(batch)
-
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self.generate(batch)["fake"]
