@@ -171,7 +171,8 @@ class ZDCDataModule(LightningDataModule):
         cond = pd.read_pickle(cond_path)
         if isinstance(images, pd.DataFrame):
             images = images.to_numpy()
-        images = np.asarray(images, dtype=np.float32) if isinstance(images, np.ndarray) else images
+        if isinstance(images, np.ndarray):  # anything else is rejected by validate_zdc
+            images = images.astype(np.float32, copy=False)
         rank_zero_info(f"ZDC: read {len(images)} {hp.detector} samples from '{folder}'")
         return images, cond, image_path.name
 
