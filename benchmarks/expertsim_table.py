@@ -9,8 +9,12 @@ repetitions. The table gives the mean channel W1 (and per intensity quartile) as
 mean ± std over seeds, the training steps each run managed, and for ExpertSim rows the
 smallest expert share and the experts' mean generated intensities (Table 5.5.1).
 
-    python benchmarks/expertsim_table.py --budget-s 120 --seeds 0 1 2
+    python benchmarks/expertsim_table.py --budget-s 300 --seeds 0 1 2
     python benchmarks/expertsim_table.py --rows zdc_gan expertsim expertsim_no_ldiff expertsim_no_lutil
+
+Any further ``--section.key value`` arguments go last to every ``rsgm`` call, e.g.
+``--model.expert_loss_routing raw`` (ExpertSim rows only then), or
+``--trainer.max_epochs 4 --budget-s 36000`` to compare rows at equal training length.
 """
 
 from __future__ import annotations
@@ -42,13 +46,13 @@ def run_row(row: str, seed: int, args: argparse.Namespace, root: Path) -> dict:
         common += ["--model.lr_router", str(args.lr_router)]
     os.environ.pop("RSGM_RUN_DIR", None)
     rsgm(["fit", *common, "--trainer.max_epochs", "10000", "--trainer.max_time", _max_time(args.budget_s),
-          "--trainer.limit_val_batches", "0"])
+          "--trainer.limit_val_batches", "0", *args.rsgm_args])
     fit_dir = max((root / f"{row}-s{seed}").glob("fit-*"))
     ckpt = fit_dir / "checkpoints" / "last.ckpt"
     loops = torch.load(ckpt, map_location="cpu", weights_only=False)["loops"]
     steps = int(loops["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"])  # training batches
     os.environ.pop("RSGM_RUN_DIR", None)
-    rsgm(["test", *common, "--ckpt_path", str(ckpt)])
+    rsgm(["test", *common, "--ckpt_path", str(ckpt), *args.rsgm_args])
     test_dir = max((root / f"{row}-s{seed}").glob("test-*"))
     result = json.loads((test_dir / "test_channel_w1.json").read_text())
     out = {"w1": result["test/w1_mean"], "q": [result[f"test/w1_q{q}"] for q in range(1, 5)], "steps": steps}
@@ -72,7 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, help="config names in configs/")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--budget-s", type=int, default=120, help="training seconds per run (trainer.max_time)")
+    parser.add_argument("--budget-s", type=int, default=300, help="training seconds per run (trainer.max_time)")
     parser.add_argument("--n-synthetic", type=int, default=6000)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--width", type=float, default=0.125, help="generator width (1.0 = thesis size)")
@@ -81,7 +85,9 @@ def main() -> None:
     parser.add_argument("--lr-router", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="folder for the runs (default: a temporary folder)")
-    args = parser.parse_args()
+    args, args.rsgm_args = parser.parse_known_args()
+    if any(a.startswith("--") and not a.startswith(("--model.", "--data.", "--trainer.")) for a in args.rsgm_args):
+        parser.error(f"unknown arguments {args.rsgm_args}; only --model.*, --data.* and --trainer.* pass through to rsgm")
     torch.set_num_threads(args.threads)
     missing = [r for r in args.rows if not (CONFIGS / f"{r}.yaml").is_file()]
     if missing:

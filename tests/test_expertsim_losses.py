@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rsgm.components.router import Router, annealed_temperature
-from rsgm.losses.routing import differentiation_loss, expert_mean_intensities, utilisation_loss
+from rsgm.losses.routing import differentiation_loss, expert_loss_signal, expert_mean_intensities, utilisation_loss
 
 
 def test_utilisation_loss_is_negative_entropy_of_mean_gate():
@@ -36,12 +36,53 @@ def test_differentiation_loss_hand_computed():
     assert means.tolist() == [15.0, 100.0, 60.0] and used.all()
 
 
+def test_share_weighted_differentiation_loss_is_between_expert_variance():
+    intensity = torch.tensor([10.0, 20.0, 100.0, 50.0, 70.0])
+    assignment = torch.tensor([[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 1]], dtype=torch.float)
+    # shares 0.4, 0.2, 0.4 and means 15, 100, 60: 0.4*0.2*7225 + 0.4*0.4*2025 + 0.2*0.4*1600 = 1030,
+    # the between-expert variance sum_i w_i (m_i - 50)^2 = 490 + 500 + 40.
+    assert differentiation_loss(intensity, assignment, share_weighted=True).item() == pytest.approx(-1030.0)
+    # An expert holding one bright sample out of B: eq. 5.7 credits it fully at any B, the
+    # weighted form by its share, (B - 1) / B * 1 / B.
+    for b in (4, 100):
+        isolated = torch.nn.functional.one_hot(torch.tensor([0] * (b - 1) + [1]), 2).float()
+        bright = torch.tensor([0.0] * (b - 1) + [1.0])
+        assert differentiation_loss(bright, isolated).item() == pytest.approx(-1.0)
+        assert differentiation_loss(bright, isolated, True).item() == pytest.approx(-(b - 1) / b**2)
+
+
 def test_differentiation_loss_skips_unused_experts():
     intensity = torch.tensor([10.0, 30.0, 5.0])
     assignment = torch.tensor([[1, 0, 0], [0, 0, 1], [1, 0, 0]], dtype=torch.float)
     # expert 1 is unused: only the pair (7.5, 30) counts
     assert differentiation_loss(intensity, assignment).item() == pytest.approx(-(22.5**2))
     assert differentiation_loss(intensity, torch.tensor([[1.0, 0.0]] * 3)).item() == 0.0
+
+
+def test_expert_loss_signal_hand_computed():
+    # Four samples: two on expert 0 (loss 3), one on expert 1 (loss 1), one on expert 2 (loss 2).
+    soft = torch.tensor([[0.6, 0.3, 0.1], [0.5, 0.4, 0.1], [0.2, 0.7, 0.1], [0.3, 0.3, 0.4]], requires_grad=True)
+    hard = torch.nn.functional.one_hot(soft.detach().argmax(1), 3).float()
+    gates = hard - soft.detach() + soft  # straight-through
+    losses = torch.tensor([3.0, 1.0, 2.0])
+    # Routed-sample mean loss (3 + 3 + 1 + 2) / 4 = 2.25; gradient (L_i - 2.25) / 4 on each routed gate.
+    signal = expert_loss_signal(losses, gates)
+    assert signal.item() == pytest.approx(0.0, abs=1e-7)
+    signal.backward()
+    expected = hard * torch.tensor([0.75, -1.25, -0.25]) / 4
+    assert torch.allclose(soft.grad, expected)
+    soft.grad = None
+    expert_loss_signal(losses, gates, baseline=False).backward()
+    assert torch.allclose(soft.grad, hard * losses / 4)
+    with pytest.raises(ValueError, match="expert_losses"):
+        expert_loss_signal(losses[:2], gates)
+
+
+def test_expert_loss_signal_ignores_experts_without_samples():
+    soft = torch.tensor([[0.9, 0.05, 0.05], [0.8, 0.1, 0.1]], requires_grad=True)
+    gates = torch.nn.functional.one_hot(soft.detach().argmax(1), 3).float() - soft.detach() + soft
+    expert_loss_signal(torch.tensor([1.0, float("nan"), 5.0]), gates).backward()
+    assert torch.equal(soft.grad, torch.zeros(2, 3))  # one used expert: every sample is at the mean
 
 
 def test_router_shapes_and_straight_through_gradient():

@@ -16,20 +16,26 @@ Training step (manual optimisation):
 4. the generators and the router take one step on eq. 5.8:
    ``sum_i L(G_i, D_i) + lambda_util * L_util + lambda_diff * L_diff``.
 
-How eq. 5.8 reaches the router (the thesis leaves it open, spec §2.4):
+How eq. 5.8 reaches the router (the thesis leaves it open, spec §2.4; measurements in
+docs/expertsim.md):
 
-* expert losses: ``L_i.detach() * straight_through_share(gates_i)`` adds 0 to the value
-  and gives every sample routed to expert i the gradient ``L_i / B`` on its gate, so the
-  router moves samples away from experts with a high loss (see ``straight_through_share``);
 * L_util: minus the entropy of the batch-mean gate probabilities, minimised (entropy
   maximisation, the sign the text intends);
 * L_diff: the experts' mean generated intensities, with the straight-through gates as the
-  sample weights. Its intensities are detached, so it trains the router only: applied to
-  the generators it would be unbounded below. With ``diff_relative`` (default) the
-  intensities are divided by the batch's mean real photon sum. In raw photon counts the
-  thesis' lambda_diff = 1e-4 outweighs lambda_util = 0.01 by orders of magnitude on data
-  as bright as the synthetic ZDC, and maximising the spread of expert means then shrinks
-  the brightest expert until the routing collapses (measured; docs/expertsim.md).
+  sample weights, and by default each pair weighted by the two experts' shares
+  (``diff_share_weighted``), which makes it the between-expert variance. Eq. 5.7 as
+  printed rewards an expert for keeping ever fewer, ever brighter samples and emptied one
+  expert in every trial where it was strong enough to move the router. The photon sums
+  are divided by the batch's mean real photon sum (``diff_intensity_scale`` 1.0); the
+  thesis' lambda_diff was tuned on raw counts of dimmer data, and raw counts of the
+  synthetic ZDC swamp every other router term. The intensities are detached, so L_diff
+  trains the router only: applied to the generators it would be unbounded below;
+* expert losses: with hard routing ``sum_i L(G_i, D_i)`` has no derivative with respect to
+  the router and by default trains the experts only (``expert_loss_routing="none"``).
+  ``raw`` / ``baselined`` pass it on through ``rsgm.losses.routing.expert_loss_signal``;
+  at initialisation they outweighed lambda_util * L_util 550x (raw) and 30x (baselined),
+  leaving L_util and L_diff inert (raw) or letting the routing collapse onto one expert
+  (baselined).
 
 An expert that receives fewer than two samples in a batch sits that step out
 (BatchNorm needs two samples in training mode).
@@ -54,7 +60,7 @@ from rsgm.components.router import Router, annealed_temperature
 from rsgm.datamodules.zdc import model_space_to_counts
 from rsgm.lightning_modules.sdi_gan import ConditionalGAN, Diversity, RNGStateInCheckpoint, SimulatorEvaluation, check_output_shape
 from rsgm.losses.gan import auxiliary_loss, discriminator_loss
-from rsgm.losses.routing import differentiation_loss, utilisation_loss
+from rsgm.losses.routing import differentiation_loss, expert_loss_signal, utilisation_loss
 
 
 def fresh_copy(module: nn.Module) -> nn.Module:
@@ -81,18 +87,6 @@ def build_experts(n_experts: int, generator: nn.Module, discriminator: nn.Module
     )
 
 
-def straight_through_share(gates: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """``sum(y - stop_gradient(y)) / batch_size`` over one expert's straight-through gates.
-
-    Its value is 0 (up to rounding) and its gradient is that of the expert's share of the
-    batch, so ``L_i.detach() * straight_through_share(...)`` adds nothing to eq. 5.8's value
-    but pushes every routed sample away from expert i in proportion to L_i, the same for
-    each sample of every expert. (Weighting by the per-expert *mean* instead, 1 / n_i per
-    sample, drives small experts' samples out fastest and collapsed the routing.)
-    """
-    return (gates - gates.detach()).sum() / batch_size
-
-
 class ExpertSim(RNGStateInCheckpoint, SimulatorEvaluation, LightningModule):
     """Mixture of generative experts with a trained router.
 
@@ -101,8 +95,11 @@ class ExpertSim(RNGStateInCheckpoint, SimulatorEvaluation, LightningModule):
             is an independent re-initialised copy.
         n_experts: number of experts N (thesis default 3).
         lambda_util, lambda_diff: router loss weights (thesis defaults 0.01, 1e-4).
-        diff_relative: L_diff on photon sums divided by the batch's mean real photon sum
-            (default) instead of raw photon counts.
+        diff_intensity_scale: L_diff's photon sums are rescaled so that the batch's mean
+            real photon sum equals this value; ``None`` uses raw photon counts.
+        diff_share_weighted: weight L_diff's pairs by the experts' shares of the batch.
+        expert_loss_routing: how the expert losses reach the router: ``none`` (default),
+            ``raw`` or ``baselined`` (see ``rsgm.losses.routing.expert_loss_signal``).
         inference_routing: ``sample`` (the training-time routing distribution) or ``argmax``.
         router_hidden: hidden widths of the router MLP.
         tau_start, tau_end: Gumbel-softmax temperature at the start and end of training.
@@ -121,7 +118,9 @@ class ExpertSim(RNGStateInCheckpoint, SimulatorEvaluation, LightningModule):
         n_experts: int = 3,
         lambda_util: float = 0.01,
         lambda_diff: float = 1e-4,
-        diff_relative: bool = True,
+        diff_intensity_scale: float | None = 1.0,
+        diff_share_weighted: bool = True,
+        expert_loss_routing: Literal["baselined", "raw", "none"] = "none",
         inference_routing: Literal["sample", "argmax"] = "sample",
         router_hidden: list[int] = (128, 64, 32),
         tau_start: float = 1.2,
@@ -141,6 +140,8 @@ class ExpertSim(RNGStateInCheckpoint, SimulatorEvaluation, LightningModule):
         super().__init__()
         if n_experts < 1:
             raise ValueError(f"n_experts must be at least 1, got {n_experts}")
+        if expert_loss_routing not in ("baselined", "raw", "none"):
+            raise ValueError(f"expert_loss_routing must be baselined, raw or none, got {expert_loss_routing!r}")
         if inference_routing not in ("sample", "argmax"):
             raise ValueError(f"inference_routing must be sample or argmax, got {inference_routing!r}")
         if tau_start <= 0 or tau_end <= 0:
@@ -227,7 +228,7 @@ class ExpertSim(RNGStateInCheckpoint, SimulatorEvaluation, LightningModule):
         for p in critics:
             p.requires_grad_(False)
         loss_experts = x.new_zeros(())
-        router_signal = x.new_zeros(())
+        expert_losses: dict[int, torch.Tensor] = {}  # detached, for the router
         intensity = x.new_zeros(len(x))
         terms_sum: dict[str, torch.Tensor] = {}
         for i in active:
@@ -235,18 +236,25 @@ class ExpertSim(RNGStateInCheckpoint, SimulatorEvaluation, LightningModule):
             loss_i, terms, fake = expert.generator_loss(sub(idx), z1[idx], z2[idx], expert.generator,
                                                         expert.discriminator, expert.aux_regressor)
             loss_experts = loss_experts + loss_i
-            router_signal = router_signal + loss_i.detach() * straight_through_share(gates[idx, i], len(x))
+            expert_losses[i] = loss_i.detach()
             intensity = intensity.index_put((idx,), self.to_output_space(fake.detach()).flatten(1).sum(1))
             for k, v in terms.items():
                 terms_sum[k] = terms_sum.get(k, 0.0) + v.detach()
-        # L_diff sees only the samples of the experts that generated this step.
+        # The router signal and L_diff see only the samples of the experts that generated this step.
         in_step = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         for i in active:
             in_step[routed[i]] = True
+        router_signal = x.new_zeros(())
+        if active and hp.expert_loss_routing != "none":
+            losses = torch.stack([expert_losses.get(i, x.new_zeros(())) for i in range(hp.n_experts)])
+            baselined = hp.expert_loss_routing == "baselined"
+            router_signal = expert_loss_signal(losses, gates[in_step], baselined) * (in_step.sum() / len(x))
         loss_util = utilisation_loss(probs)
-        if hp.diff_relative:
-            intensity = intensity / batch["intensity"].mean().clamp_min(1.0)
-        loss_diff = differentiation_loss(intensity[in_step], gates[in_step][:, active]) if active else x.new_zeros(())
+        if hp.diff_intensity_scale is not None:
+            intensity = intensity * (hp.diff_intensity_scale / batch["intensity"].mean().clamp_min(1.0))
+        loss_diff = x.new_zeros(())
+        if active:
+            loss_diff = differentiation_loss(intensity[in_step], gates[in_step][:, active], hp.diff_share_weighted)
         loss = loss_experts + router_signal + hp.lambda_util * loss_util + hp.lambda_diff * loss_diff
         opt_g.zero_grad()
         opt_router.zero_grad()

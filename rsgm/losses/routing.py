@@ -38,14 +38,43 @@ def expert_mean_intensities(intensity: torch.Tensor, assignment: torch.Tensor) -
     return means, used
 
 
-def differentiation_loss(intensity: torch.Tensor, assignment: torch.Tensor) -> torch.Tensor:
+def differentiation_loss(intensity: torch.Tensor, assignment: torch.Tensor, share_weighted: bool = False) -> torch.Tensor:
     """L_diff = - sum_{i<j} (f̄_in^(i) - f̄_in^(j))^2 over the experts used in the batch (eq. 5.7).
 
     Minimising it spreads the experts' mean intensities apart. Experts without samples in
     the batch are left out; with fewer than two used experts the loss is 0.
+
+    ``share_weighted`` weights each pair by the experts' shares of the batch, ``w_i w_j``:
+    the sum is then the between-expert variance of the intensities. Eq. 5.7 as printed
+    grows without bound as one expert keeps ever fewer, ever brighter samples (its mean
+    moves to the tail); the weighted form gives a near-empty expert no credit, and its
+    optimum sorts the samples into intensity bands.
     """
     means, used = expert_mean_intensities(intensity, assignment)
-    means = means[used]
-    diff = means.unsqueeze(0) - means.unsqueeze(1)
+    diff2 = (means[used].unsqueeze(0) - means[used].unsqueeze(1)) ** 2
+    if share_weighted:
+        share = assignment.sum(dim=0)[used] / len(assignment)
+        diff2 = diff2 * share.unsqueeze(0) * share.unsqueeze(1)
     # Each unordered pair appears twice in the full matrix.
-    return -0.5 * (diff**2).sum()
+    return -0.5 * diff2.sum()
+
+
+def expert_loss_signal(expert_losses: torch.Tensor, gates: torch.Tensor, baseline: bool = True) -> torch.Tensor:
+    """How eq. 5.8's ``sum_i L(G_i, D_i)`` reaches a straight-through router.
+
+    ``expert_losses`` ``(N,)`` are the experts' generator losses of the step (detached here;
+    experts that sat the step out may hold any value, they have no routed samples) and
+    ``gates`` ``(B, N)`` the straight-through one-hot assignments. The result is
+    ``sum_i a_i * sum_b (y_bi - sg(y_bi)) / B``: its value is 0, so the objective's value is
+    eq. 5.8 unchanged, and every sample routed to expert i gets the gradient ``a_i / B`` on
+    its gate. With ``baseline`` ``a_i = L_i - L_bar``, ``L_bar`` the mean loss over the
+    routed samples, so samples move from worse-than-average experts towards better ones;
+    without it ``a_i = L_i``, which pushes every sample away from whichever expert it drew.
+    """
+    if gates.dim() != 2 or expert_losses.shape != gates.shape[1:]:
+        raise ValueError(f"need expert_losses (N,) and gates (B, N), got {tuple(expert_losses.shape)} and {tuple(gates.shape)}")
+    hard = gates.detach()
+    losses = torch.where(hard.sum(0) > 0, expert_losses.detach(), torch.zeros_like(expert_losses))
+    if baseline:
+        losses = losses - (hard @ losses).mean()
+    return ((gates - hard) * hard * losses).sum() / len(gates)
