@@ -7,7 +7,8 @@ split. All rows share the data (same simulator seed and split), the compact gene
 (``--width``), the learning rates and the evaluation; only the model seed changes between
 repetitions. The table gives the mean channel W1 (and per intensity quartile) as
 mean ± std over seeds, the training steps each run managed, and for ExpertSim rows the
-smallest expert share and the experts' mean generated intensities (Table 5.5.1).
+smallest expert share and the experts' mean generated intensities (Table 5.5.1); each seed's line
+also gives the mean real intensity of the conditions routed to each expert.
 
     python benchmarks/expertsim_table.py --budget-s 300 --seeds 0 1 2
     python benchmarks/expertsim_table.py --rows zdc_gan expertsim expertsim_no_ldiff expertsim_no_lutil
@@ -60,6 +61,7 @@ def run_row(row: str, seed: int, args: argparse.Namespace, root: Path) -> dict:
         experts = json.loads((test_dir / "test_experts.json").read_text())
         out["min_share"] = min(e["share"] for e in experts)
         out["means"] = [e["mean_intensity"] for e in experts]
+        out["real_means"] = [e["real_mean_intensity"] for e in experts]
     return out
 
 
@@ -100,7 +102,8 @@ def main() -> None:
             results.setdefault(row, []).append(run_row(row, seed, args, root))
             r = results[row][-1]
             print(f"[{row} seed {seed}] w1 {r['w1']:.3f}, batches {r['steps']}"
-                  + (f", min share {r['min_share']:.2f}, expert means {[round(m, 1) for m in r['means']]}" if "means" in r else ""),
+                  + (f", min share {r['min_share']:.2f}, expert means {[round(m, 1) for m in r['means']]}"
+                 f", real means of routed conditions {[round(m, 1) for m in r['real_means']]}" if "means" in r else ""),
                   flush=True)
 
     print(f"\nsynthetic ZDC neutron, {args.n_synthetic} samples, width {args.width}, {args.budget_s} s training per run, "

@@ -1,11 +1,13 @@
 """ExpertSim's router losses and router against hand-computed values."""
 
+import inspect
 import math
 
 import pytest
 import torch
 
 from rsgm.components.router import Router, annealed_temperature
+from rsgm.lightning_modules.expertsim import ExpertSim
 from rsgm.losses.routing import differentiation_loss, expert_loss_signal, expert_mean_intensities, utilisation_loss
 
 
@@ -102,3 +104,43 @@ def test_annealed_temperature():
     assert annealed_temperature(0.0) == pytest.approx(1.2)
     assert annealed_temperature(0.5) == pytest.approx(1.0)
     assert annealed_temperature(2.0) == pytest.approx(0.8)
+
+
+def _train_router_on_known_intensities(lambda_util: float, steps: int = 300) -> tuple[list[float], list[float], float]:
+    """A router trained by ExpertSim's default L_util and L_diff alone, on conditions whose
+    photon sum is a known function of the first condition; returns the shares and mean
+    photon sums of its experts on fresh conditions, and its mean top gate probability."""
+    defaults = {k: v.default for k, v in inspect.signature(ExpertSim).parameters.items()}
+    torch.manual_seed(0)
+    router = Router(defaults["n_experts"])
+    opt = torch.optim.Adam(router.parameters(), lr=1e-3, betas=(0.5, 0.999))
+
+    def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cond = torch.randn(n, 9)
+        return cond, 100 * torch.exp(cond[:, 0])
+
+    for _ in range(steps):
+        cond, intensity = draw(128)
+        gates, probs = router.route(cond, tau=1.0)
+        scaled = intensity * defaults["diff_intensity_scale"] / intensity.mean()  # as ExpertSim.training_step
+        loss = (lambda_util * utilisation_loss(probs)
+                + defaults["lambda_diff"] * differentiation_loss(scaled, gates, defaults["diff_share_weighted"]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    cond, intensity = draw(4000)
+    expert = router.assign(cond, generator=torch.Generator().manual_seed(0))
+    shares = [(expert == i).float().mean().item() for i in range(router.n_experts)]
+    means = [intensity[expert == i].mean().item() if (expert == i).any() else float("nan") for i in range(router.n_experts)]
+    return shares, means, router(cond).softmax(1).max(1).values.mean().item()
+
+
+def test_default_router_losses_sort_conditions_into_intensity_bands_and_util_prevents_collapse():
+    shares, means, confidence = _train_router_on_known_intensities(lambda_util=0.01)
+    assert min(shares) >= 0.10, f"routing collapsed: shares {shares}"
+    assert confidence > 0.8, f"router stayed near uniform: mean top gate {confidence:.2f}"
+    low, mid, high = sorted(means)
+    assert mid > 1.5 * low and high > 1.5 * mid, f"experts do not see distinct intensity bands: {means}"
+    # Without L_util (thesis Table 5.5.3), L_diff alone empties an expert.
+    shares_no_util, _, _ = _train_router_on_known_intensities(lambda_util=0.0)
+    assert min(shares_no_util) < 0.05, f"no collapse without L_util: shares {shares_no_util}"

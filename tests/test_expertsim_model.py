@@ -116,13 +116,17 @@ def test_expert_statistics_hand_computed():
     assert [r["share"] for r in rows] == [0.4, 0.0, 0.6]
     assert rows[0]["mean_intensity"] == 2.0 and rows[0]["std_intensity"] == 1.0
     assert rows[2]["mean_intensity"] == 20.0 and rows[2]["std_intensity"] == pytest.approx((200 / 3) ** 0.5)
+    rows = expert_statistics(torch.tensor([0, 0, 2]), torch.tensor([1.0, 3.0, 10.0]), 3, torch.tensor([5.0, 7.0, 100.0]))
+    assert [r["real_mean_intensity"] for r in rows][::2] == [6.0, 100.0] and rows[1]["real_mean_intensity"] != rows[1]["real_mean_intensity"]
 
 
 def test_short_run_experts_specialise_and_router_does_not_collapse():
+    # End to end at the benchmark's learning rates. The routing mechanism itself (intensity
+    # bands with L_util, collapse without) is tested router-only in test_expertsim_losses.py.
     seed_everything(0)
     torch.set_num_threads(1)
     data = ZDCDataModule(n_synthetic=800, batch_size=64, eval_batch_size=400)
-    model = small_model(lr_g=1e-3, lr_d=1e-4, lr_router=1e-2)
+    model = small_model(lr_g=1e-3, lr_d=1e-4, lr_router=1e-3)
     Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             limit_val_batches=0).fit(model, data)
     model.eval()

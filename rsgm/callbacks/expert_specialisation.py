@@ -3,8 +3,11 @@
 Expects ``validation_step`` / ``test_step`` outputs with photon-count images ``real`` and
 ``fake``, the routed ``expert`` id of every sample and its ``index`` (what
 ``ExpertSim.generate`` returns). For every expert it logs the share of samples routed to
-it and the mean and std intensity (photon sum) of the responses it generated:
-``{val,test}/expert<i>_share``, ``_mean_intensity``, ``_std_intensity``. It plots the five
+it, the mean and std intensity (photon sum) of the responses it generated, and the mean
+intensity of the real responses of the conditions routed to it, which shows whether the
+router sends different conditions to different experts:
+``{val,test}/expert<i>_share``, ``_mean_intensity``, ``_std_intensity``,
+``_real_mean_intensity``. It plots the five
 channel histograms per expert (its generated responses against the real responses of the
 same conditions), and at test writes ``test_experts.json`` into the run folder.
 Use it beside :class:`~rsgm.callbacks.channel_wasserstein.ChannelWassersteinCallback`.
@@ -22,10 +25,12 @@ from rsgm.physics.channels import CHANNEL_NAMES, QUADRANTS, ChannelLayout, chann
 from rsgm.utils.figures import plt, save_figure
 
 
-def expert_statistics(expert: torch.Tensor, intensity: torch.Tensor, n_experts: int) -> list[dict[str, float]]:
+def expert_statistics(expert: torch.Tensor, intensity: torch.Tensor, n_experts: int,
+                      real_intensity: torch.Tensor | None = None) -> list[dict[str, float]]:
     """Per expert: ``share`` of samples routed to it, ``n``, and the ``mean`` / ``std``
-    (population) of the intensities of its samples (NaN for an unused expert)."""
-    if len(expert) != len(intensity):
+    (population) of the intensities of its samples (NaN for an unused expert); with
+    ``real_intensity``, also the ``real_mean_intensity`` of its samples."""
+    if len(expert) != len(intensity) or (real_intensity is not None and len(real_intensity) != len(expert)):
         raise ValueError(f"{len(expert)} expert ids for {len(intensity)} intensities")
     if len(expert) == 0:
         raise ValueError("no evaluated samples: the per-expert statistics need at least one")
@@ -36,6 +41,8 @@ def expert_statistics(expert: torch.Tensor, intensity: torch.Tensor, n_experts: 
         rows.append({"expert": i, "n": n, "share": n / len(expert),
                      "mean_intensity": float(values.mean()) if n else float("nan"),
                      "std_intensity": float(values.std(unbiased=False)) if n else float("nan")})
+        if real_intensity is not None:
+            rows[-1]["real_mean_intensity"] = float(real_intensity[expert == i].double().mean()) if n else float("nan")
     return rows
 
 
@@ -87,25 +94,27 @@ class ExpertSpecialisationCallback(SplitEvaluation):
         self.n_experts = int(n)
         self.masks = channel_masks(*shape, self.layout).to(pl_module.device)
         for split in ("val", "test"):
-            self.samples[split] = GatheredSamples(["expert", "intensity", "real", "fake"]).to(pl_module.device)
+            self.samples[split] = GatheredSamples(["expert", "intensity", "real_intensity", "real", "fake"]).to(pl_module.device)
 
     def update(self, split: str, outputs: dict[str, torch.Tensor]) -> None:
         if "expert" not in outputs:
             raise ValueError("ExpertSpecialisationCallback needs evaluation outputs with an 'expert' id per sample (ExpertSim)")
         self.samples[split].update(outputs["index"], expert=outputs["expert"],
                                    intensity=outputs["fake"].flatten(1).double().sum(1),
+                                   real_intensity=outputs["real"].flatten(1).double().sum(1),
                                    real=channel_values(outputs["real"], self.masks),
                                    fake=channel_values(outputs["fake"], self.masks))
 
     def finish(self, split: str, trainer: Trainer, pl_module: LightningModule, plot: bool) -> list[dict[str, float]]:
         got = self.samples[split].compute()
         self.samples[split].reset()
-        rows = expert_statistics(got["expert"], got["intensity"], self.n_experts)
+        rows = expert_statistics(got["expert"], got["intensity"], self.n_experts, got["real_intensity"])
         scalars = {}
         for r in rows:
             i = r["expert"]
             scalars.update({f"{split}/expert{i}_share": r["share"], f"{split}/expert{i}_mean_intensity": r["mean_intensity"],
-                            f"{split}/expert{i}_std_intensity": r["std_intensity"]})
+                            f"{split}/expert{i}_std_intensity": r["std_intensity"],
+                            f"{split}/expert{i}_real_mean_intensity": r["real_mean_intensity"]})
         pl_module.log_dict(scalars)
         if plot:
             fig = expert_histogram_figure(got["real"].cpu().numpy(), got["fake"].cpu().numpy(), got["expert"].cpu().numpy(),

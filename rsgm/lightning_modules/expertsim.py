@@ -26,10 +26,13 @@ docs/expertsim.md):
   (``diff_share_weighted``), which makes it the between-expert variance. Eq. 5.7 as
   printed rewards an expert for keeping ever fewer, ever brighter samples and emptied one
   expert in every trial where it was strong enough to move the router. The photon sums
-  are divided by the batch's mean real photon sum (``diff_intensity_scale`` 1.0); the
-  thesis' lambda_diff was tuned on raw counts of dimmer data, and raw counts of the
-  synthetic ZDC swamp every other router term. The intensities are detached, so L_diff
-  trains the router only: applied to the generators it would be unbounded below;
+  are rescaled so that the batch's mean real photon sum is ``diff_intensity_scale`` (10):
+  the thesis' lambda_diff was tuned on raw counts of dimmer data with its own estimator;
+  with rsgm's, raw counts swamp every other router term, a mean of 1 leaves the router
+  uniform, and 10 is where a router trained by the default L_util and L_diff alone sorts
+  conditions into three intensity bands and, without L_util, empties an expert (tested
+  in tests/test_expertsim_losses.py). The intensities are detached, so L_diff trains the
+  router only: applied to the generators it would be unbounded below;
 * expert losses: with hard routing ``sum_i L(G_i, D_i)`` has no derivative with respect to
   the router and by default trains the experts only (``expert_loss_routing="none"``).
   ``raw`` / ``baselined`` pass it on through ``rsgm.losses.routing.expert_loss_signal``;
@@ -118,7 +121,7 @@ class ExpertSim(RNGStateInCheckpoint, SimulatorEvaluation, LightningModule):
         n_experts: int = 3,
         lambda_util: float = 0.01,
         lambda_diff: float = 1e-4,
-        diff_intensity_scale: float | None = 1.0,
+        diff_intensity_scale: float | None = 10.0,
         diff_share_weighted: bool = True,
         expert_loss_routing: Literal["baselined", "raw", "none"] = "none",
         inference_routing: Literal["sample", "argmax"] = "sample",
