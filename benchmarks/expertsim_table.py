@@ -101,10 +101,9 @@ def main() -> None:
         for seed in args.seeds:
             results.setdefault(row, []).append(run_row(row, seed, args, root))
             r = results[row][-1]
-            print(f"[{row} seed {seed}] w1 {r['w1']:.3f}, batches {r['steps']}"
-                  + (f", min share {r['min_share']:.2f}, expert means {[round(m, 1) for m in r['means']]}"
-                 f", real means of routed conditions {[round(m, 1) for m in r['real_means']]}" if "means" in r else ""),
-                  flush=True)
+            experts = (f", min share {r['min_share']:.2f}, expert means {[round(m, 1) for m in r['means']]}"
+                       f", real means of routed conditions {[round(m, 1) for m in r['real_means']]}") if "means" in r else ""
+            print(f"[{row} seed {seed}] w1 {r['w1']:.3f}, batches {r['steps']}{experts}", flush=True)
 
     print(f"\nsynthetic ZDC neutron, {args.n_synthetic} samples, width {args.width}, {args.budget_s} s training per run, "
           f"seeds {args.seeds}")

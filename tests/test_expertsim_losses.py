@@ -8,7 +8,8 @@ import torch
 
 from rsgm.components.router import Router, annealed_temperature
 from rsgm.lightning_modules.expertsim import ExpertSim
-from rsgm.losses.routing import differentiation_loss, expert_loss_signal, expert_mean_intensities, utilisation_loss
+from rsgm.losses.routing import (differentiation_loss, expert_loss_signal, expert_mean_intensities, rescale_intensity,
+                                 utilisation_loss)
 
 
 def test_utilisation_loss_is_negative_entropy_of_mean_gate():
@@ -51,6 +52,12 @@ def test_share_weighted_differentiation_loss_is_between_expert_variance():
         bright = torch.tensor([0.0] * (b - 1) + [1.0])
         assert differentiation_loss(bright, isolated).item() == pytest.approx(-1.0)
         assert differentiation_loss(bright, isolated, True).item() == pytest.approx(-(b - 1) / b**2)
+
+
+def test_rescale_intensity_hand_computed():
+    fake, real = torch.tensor([50.0, 150.0]), torch.tensor([100.0, 300.0])  # real mean 200
+    assert rescale_intensity(fake, real, 10.0).tolist() == [2.5, 7.5]
+    assert rescale_intensity(fake, real, None) is fake
 
 
 def test_differentiation_loss_skips_unused_experts():
@@ -122,7 +129,7 @@ def _train_router_on_known_intensities(lambda_util: float, steps: int = 300) -> 
     for _ in range(steps):
         cond, intensity = draw(128)
         gates, probs = router.route(cond, tau=1.0)
-        scaled = intensity * defaults["diff_intensity_scale"] / intensity.mean()  # as ExpertSim.training_step
+        scaled = rescale_intensity(intensity, intensity, defaults["diff_intensity_scale"])
         loss = (lambda_util * utilisation_loss(probs)
                 + defaults["lambda_diff"] * differentiation_loss(scaled, gates, defaults["diff_share_weighted"]))
         opt.zero_grad()

@@ -30,19 +30,22 @@ def expert_statistics(expert: torch.Tensor, intensity: torch.Tensor, n_experts: 
     """Per expert: ``share`` of samples routed to it, ``n``, and the ``mean`` / ``std``
     (population) of the intensities of its samples (NaN for an unused expert); with
     ``real_intensity``, also the ``real_mean_intensity`` of its samples."""
-    if len(expert) != len(intensity) or (real_intensity is not None and len(real_intensity) != len(expert)):
+    if len(expert) != len(intensity):
         raise ValueError(f"{len(expert)} expert ids for {len(intensity)} intensities")
+    if real_intensity is not None and len(real_intensity) != len(expert):
+        raise ValueError(f"{len(expert)} expert ids for {len(real_intensity)} real intensities")
     if len(expert) == 0:
         raise ValueError("no evaluated samples: the per-expert statistics need at least one")
     rows = []
     for i in range(n_experts):
-        values = intensity[expert == i].double()
+        mine = expert == i
+        values = intensity[mine].double()
         n = len(values)
         rows.append({"expert": i, "n": n, "share": n / len(expert),
                      "mean_intensity": float(values.mean()) if n else float("nan"),
                      "std_intensity": float(values.std(unbiased=False)) if n else float("nan")})
         if real_intensity is not None:
-            rows[-1]["real_mean_intensity"] = float(real_intensity[expert == i].double().mean()) if n else float("nan")
+            rows[-1]["real_mean_intensity"] = float(real_intensity[mine].double().mean()) if n else float("nan")
     return rows
 
 

@@ -63,7 +63,7 @@ from rsgm.components.router import Router, annealed_temperature
 from rsgm.datamodules.zdc import model_space_to_counts
 from rsgm.lightning_modules.sdi_gan import ConditionalGAN, Diversity, RNGStateInCheckpoint, SimulatorEvaluation, check_output_shape
 from rsgm.losses.gan import auxiliary_loss, discriminator_loss
-from rsgm.losses.routing import differentiation_loss, expert_loss_signal, utilisation_loss
+from rsgm.losses.routing import differentiation_loss, expert_loss_signal, rescale_intensity, utilisation_loss
 
 
 def fresh_copy(module: nn.Module) -> nn.Module:
@@ -253,8 +253,7 @@ class ExpertSim(RNGStateInCheckpoint, SimulatorEvaluation, LightningModule):
             baselined = hp.expert_loss_routing == "baselined"
             router_signal = expert_loss_signal(losses, gates[in_step], baselined) * (in_step.sum() / len(x))
         loss_util = utilisation_loss(probs)
-        if hp.diff_intensity_scale is not None:
-            intensity = intensity * (hp.diff_intensity_scale / batch["intensity"].mean().clamp_min(1.0))
+        intensity = rescale_intensity(intensity, batch["intensity"], hp.diff_intensity_scale)
         loss_diff = x.new_zeros(())
         if active:
             loss_diff = differentiation_loss(intensity[in_step], gates[in_step][:, active], hp.diff_share_weighted)

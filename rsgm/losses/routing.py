@@ -38,6 +38,14 @@ def expert_mean_intensities(intensity: torch.Tensor, assignment: torch.Tensor) -
     return means, used
 
 
+def rescale_intensity(intensity: torch.Tensor, real_intensity: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """L_diff's intensity unit: photon sums rescaled so that the mean of ``real_intensity``
+    (the batch's real photon sums) becomes ``scale``; ``scale=None`` keeps raw counts."""
+    if scale is None:
+        return intensity
+    return intensity * (scale / real_intensity.mean().clamp_min(1.0))
+
+
 def differentiation_loss(intensity: torch.Tensor, assignment: torch.Tensor, share_weighted: bool = False) -> torch.Tensor:
     """L_diff = - sum_{i<j} (f̄_in^(i) - f̄_in^(j))^2 over the experts used in the batch (eq. 5.7).
 
