@@ -25,6 +25,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
+# Subcommands beside Lightning's fit/validate/test/predict: name -> (module:function taking
+# argv, one-line help). A new subcommand is one line here; `rsgm --help` lists them all.
+EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("rsgm.serving.cli:main", "serve a B4B-defended encoder over HTTP"),
+}
+
 # Set by the first process of a run, so DDP worker processes that re-run the command line
 # write into the same run folder instead of creating their own.
 RUN_DIR_ENV = "RSGM_RUN_DIR"
@@ -113,10 +119,11 @@ def config_error_summary(message: str) -> str:
 
 def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] == "serve":
-        from rsgm.serving.cli import main as serve_main
+    if argv and argv[0] in EXTRA_COMMANDS:
+        import importlib
 
-        serve_main(argv[1:])
+        module, func = EXTRA_COMMANDS[argv[0]][0].split(":")
+        getattr(importlib.import_module(module), func)(argv[1:])
         return
     try:
         RSGMCLI(
