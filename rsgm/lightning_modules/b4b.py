@@ -146,6 +146,9 @@ class B4BEncoder(LightningModule):
 class B4BProtocol(LightningModule):
     """Table 6.4.1 on a testbed: every account answered under each defence, then steal and probe.
 
+    ``rsgm test`` needs no checkpoint: the victim comes from ``encoder_weights`` and the
+    surrogates are trained during the test run (``needs_checkpoint = False``).
+
     Args:
         encoder, encoder_weights: the victim (class_path in the config, local state dict).
         defenses: name -> ``B4BDefense`` keyword arguments (``noise``, ``lam``, ``alpha``, ``beta``,
@@ -157,6 +160,8 @@ class B4BProtocol(LightningModule):
         remap_grid: numbers of overlapping queries for the remapping-fidelity curve (Fig. 6.4.3).
         remap_holdout: shared queries kept out of the remap fit to measure its fidelity.
     """
+
+    needs_checkpoint = False
 
     def __init__(self, encoder: nn.Module, encoder_weights: str | None = None, defenses: dict[str, dict] | None = None,
                  secret: str = "rsgm-testbed-secret", attack_rows: list[str] | None = None, surrogate: nn.Module | None = None,
