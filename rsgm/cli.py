@@ -230,7 +230,7 @@ class RSGMCLI(LightningCLI):
                 isinstance(c, ModelCheckpoint) for c in callbacks
             ):
                 # One checkpoint, last.ckpt, replaced every epoch; configure a ModelCheckpoint for more.
-                callbacks.append(ModelCheckpoint(dirpath=str(path / "checkpoints"), filename="last", save_top_k=1,
+                callbacks.append(ModelCheckpoint(dirpath=str(path / "checkpoints"), filename="last", save_top_k=1, save_on_train_epoch_end=True,
                                                  enable_version_counter=False))
             wandb_id = logger.version if isinstance(logger, WandbLogger) else None
             callbacks += [TimeEstimate(), RunGuard(path / "checkpoints", self.argv, wandb_id)]

@@ -63,14 +63,18 @@ def test_unknown_config_key_is_one_line_error(tmp_path, capsys):
     assert "\n" not in message and "lamda_div" in message and "not accepted" in message
 
 
-def test_generator_and_data_detector_must_match(tmp_path):
-    with pytest.raises(ValueError, match="set the same detector"):
-        main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--data.detector", "proton", "--data.n_synthetic", "200",
-              "--trainer.fast_dev_run", "true", "--logger", "none", "--run_dir", str(tmp_path)])
+def test_data_detector_is_set_once_for_the_model_parts(tmp_path):
+    # the README's override: the generator, discriminator (and aux regressor) follow data.detector
+    main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--data.detector", "proton", "--data.n_synthetic", "200",
+          "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
+          "--data.eval_batch_size", "16", "--logger", "csv", "--run_dir", str(tmp_path)])
+    (run,) = run_dirs(tmp_path)
+    config = yaml.safe_load((run / "config.yaml").read_text())["model"]["init_args"]
+    assert config["generator"]["init_args"]["detector"] == config["discriminator"]["init_args"]["detector"] == "proton"
 
 
 def generator_state(run: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     return {k: v for k, v in state.items() if k.startswith("generator.")}
 
 
@@ -84,10 +88,47 @@ def test_resume_from_last_checkpoint_matches_uninterrupted_run(tmp_path):
     main(["fit", *common, "--run_dir", str(tmp_path / "part"), "--trainer.max_epochs", "1"])
     (first,) = run_dirs(tmp_path / "part")
     os.environ.pop("RSGM_RUN_DIR")
-    main(["fit", *common, "--run_dir", str(tmp_path / "resumed"), "--trainer.max_epochs", "3",
+    main(["fit", *common, "--run_dir", str(tmp_path / "part"), "--trainer.max_epochs", "3",
           "--ckpt_path", str(first / "checkpoints" / "last.ckpt")])
-    (full,), (resumed,) = run_dirs(tmp_path / "full"), run_dirs(tmp_path / "resumed")
+    # the resumed training continues in the same run folder, which keeps one checkpoint
+    (full,), (resumed,) = run_dirs(tmp_path / "full"), run_dirs(tmp_path / "part")
+    assert resumed == first and [p.name for p in (resumed / "checkpoints").iterdir()] == ["last.ckpt"]
     a, b = generator_state(full), generator_state(resumed)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_printed_command_resumes_the_same_run(tmp_path, monkeypatch, capsys):
+    import os
+    import shlex
+
+    from rsgm.utils.run_folder import RunGuard
+
+    def interrupt(self, trainer, *args):
+        if trainer.global_step == 4 and not getattr(self, "fired", False):
+            self.fired = True
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunGuard, "on_train_batch_end", interrupt, raising=False)
+    argv = ["fit", "--config", str(CONFIGS / "sdigan_synthetic2d.yaml"), "--data.n_per_condition", "30",
+            "--trainer.enable_progress_bar", "false", "--trainer.max_epochs", "2", "--run_dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 1
+    (run,) = run_dirs(tmp_path)
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    wandb_id = (run / "wandb_id").read_text()
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["rsgm_wandb_id"] == wandb_id
+    err = capsys.readouterr().err
+    command = err.split("Resume with:")[1].strip().splitlines()[0]
+    resume = shlex.split(command)
+    assert resume[0] == "rsgm" and resume[-2] == "--ckpt_path" and resume[-1] == str((run / "checkpoints" / "last.ckpt").resolve())
+    os.environ.pop("RSGM_RUN_DIR")
+    monkeypatch.undo()
+    main(resume[1:])
+    assert run_dirs(tmp_path) == [run] and (run / "wandb_id").read_text() == wandb_id
+    # both pieces are offline runs of the one W&B run id
+    assert {p.name.rsplit("-", 1)[1] for p in (run / "wandb").glob("offline-run-*")} == {wandb_id}
+    assert len(list((run / "wandb").glob("offline-run-*"))) == 2
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
