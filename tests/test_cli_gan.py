@@ -31,27 +31,44 @@ def run_dirs(root: Path) -> list[Path]:
 
 
 def test_fit_then_test_with_wandb_offline(tmp_path):
+    from rsgm.utils.dashboard import read_offline_run
+
     args = ["--config", str(CONFIGS / "quickstart.yaml"), "--run_dir", str(tmp_path), "--run_name", "q",
             "--data.n_synthetic", "600", "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "1",
             "--data.eval_batch_size", "64"]
     main(["fit", *args])
     (run,) = run_dirs(tmp_path)
-    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.ckpt"]
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["model"]["init_args"]["diversity"] == "selective"
-    offline = list((run / "wandb").glob("offline-run-*"))
-    assert offline, "W&B should write an offline run under the run folder"
-    assert list(run.glob("plots/*.png")) == [] or all(p.stat().st_size > 0 for p in run.glob("plots/*.png"))
+    (offline,) = (run / "wandb").glob("offline-run-*")
+    fit = read_offline_run(offline)
+    assert fit["run"]["group"] == "q" and fit["run"]["job_type"] == "fit" and fit["run"]["tags"] == ["zdc"]
+    # the config once, nested (not again flattened from the module's hyperparameters)
+    assert fit["config"]["model"]["init_args"]["diversity"] == "selective" and "diversity" not in fit["config"]
+    val = [h for h in fit["history"] if "val/w1_mean" in h]
+    images = [h for h in fit["history"] if "plots/val_channels_epoch000" in h]
+    assert val and images and images[0]["trainer/global_step"] == val[0]["trainer/global_step"] > 0
+    assert fit["summary"]["val/w1_mean"] == {"min": pytest.approx(val[0]["val/w1_mean"])}
+    assert list(offline.glob("files/media/images/plots/val_channels_epoch000*.png"))
 
     import os
 
     os.environ.pop("RSGM_RUN_DIR")
-    main(["test", *args, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--logger", "csv"])
+    main(["test", *args, "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
     test_run = [p for p in run_dirs(tmp_path) if p.name.startswith("test-")][0]
     result = json.loads((test_run / "test_channel_w1.json").read_text())
     assert result["test/w1_mean"] > 0 and len(result["test/quartile_edges"]) == 5
     assert {p.name.split("_epoch")[0] for p in test_run.glob("plots/*.png")} == {"test_channels", "test_samples"}
-    assert (test_run / "metrics.csv").is_file()
+    (offline,) = (test_run / "wandb").glob("offline-run-*")
+    test = read_offline_run(offline)
+    assert test["run"]["group"] == "q" and test["run"]["job_type"] == "test"
+    assert any(h.get("test/w1_mean") == pytest.approx(result["test/w1_mean"]) for h in test["history"])
+    tables = [h["tables/test_channel_w1"] for h in test["history"] if "tables/test_channel_w1" in h]
+    assert tables and tables[0]["_type"] == "table-file"
+    table = json.loads((offline / "files" / tables[0]["path"]).read_text())
+    row = dict(zip(table["columns"], table["data"][0]))
+    assert row["test/w1_mean"] == pytest.approx(result["test/w1_mean"])
 
 
 def test_unknown_config_key_is_one_line_error(tmp_path, capsys):

@@ -7,6 +7,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from rsgm.defenses.stealing import embed, linear_probe_accuracy
+from rsgm.utils.dashboard import log_table
 
 
 class LinearProbeCallback(Callback):
@@ -43,6 +44,7 @@ class LinearProbeCallback(Callback):
         line = ", ".join(f"{t} {a:.1f}" for t, a in acc.items())
         print(f"\nstolen encoder linear-probe accuracy (%): {line}")
         out = Path(trainer.log_dir or trainer.default_root_dir)
+        log_table(trainer, "probe_accuracy", [{"task": t, "accuracy": a} for t, a in acc.items()])
         (out / "probe_accuracy.csv").write_text("task,accuracy\n" + "".join(f"{t},{a:.3f}\n" for t, a in acc.items()))
         fid = getattr(pl_module, "remap_fidelity", [])
         if fid:
@@ -53,6 +55,7 @@ class LinearProbeCallback(Callback):
 
             df = pd.DataFrame(fid)
             df.to_csv(out / "remap_fidelity.csv", index=False)
+            log_table(trainer, "remap_fidelity", df)
             fig, ax = plt.subplots(figsize=(6, 4))
             for acc_name, g in df.groupby("account"):
                 ax.plot(g["n_overlap"], g["cosine_distance"], marker="o", label=acc_name)

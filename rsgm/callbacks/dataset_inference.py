@@ -28,8 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from tqdm.auto import tqdm
 
 from rsgm.privacy import stats as S
+from rsgm.utils.dashboard import log_table
 from rsgm.utils.figures import plt, run_dir, save_figure
 
 def _group(name: str) -> str:
@@ -72,6 +74,9 @@ class DatasetInference(Callback):
             return
         summary, tables = self.run(res)
         self.save(folder, summary, tables)
+        for name in ("curve", "contamination", "ablation"):
+            if name in tables:
+                log_table(trainer, f"cdi_{name}", tables[name])
         if trainer.logger is not None:
             trainer.logger.log_metrics({f"cdi/{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float)) and v is not None})
         self.report(summary, tables)
@@ -122,9 +127,9 @@ class DatasetInference(Callback):
         # Contamination: P holds a fraction r of non-members.
         csizes = self.contamination_sizes or sorted({n for n in (n_conv, 2 * (n_conv or 0), max(sizes)) if n})
         rows = []
-        for r in self.contamination_ratios:
-            for n in csizes:
-                rows += S.pvalue_curve(members, nonmembers, [n], self.contamination_trials, self.k, contamination=r, C=self.C, seed=self.seed, alpha=self.alpha, progress=False, device=self.device)
+        grid = [(r, n) for r in self.contamination_ratios for n in csizes]
+        for r, n in tqdm(grid, desc="CDI contamination", leave=False):
+            rows += S.pvalue_curve(members, nonmembers, [n], self.contamination_trials, self.k, contamination=r, C=self.C, seed=self.seed, alpha=self.alpha, progress=False, device=self.device)
         tables["contamination"] = rows
 
         if self.ablation:
@@ -147,7 +152,7 @@ class DatasetInference(Callback):
         if 0 < len(gray_cols) < len(names):
             sets.append(("all_gray_box", None))
         out = []
-        for label, gs in sets:
+        for label, gs in tqdm(sets, desc="CDI feature ablation", leave=False):
             cols = gray_cols if gs is None else [j for j, n in enumerate(names) if _group(n) in gs]
             n, rows = _search_min_size(members[:, cols], nonmembers[:, cols], sizes, self.ablation_trials, self.k, self.C, self.alpha, self.seed, self.device)
             out.append({"features": label, "n_features": len(cols), "min_P": n, "mean_p_at_min_P": rows[-1]["mean_p"] if n else None,

@@ -7,6 +7,7 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from rsgm.utils.dashboard import log_table
 from rsgm.utils.figures import run_dir
 
 
@@ -46,3 +47,6 @@ class SplitEvaluation(Callback):
             path = run_dir(trainer) / self.test_file
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(result, indent=2))
+        # the same result as a W&B table: one row per entry of a list, else one row of its scalars
+        rows = result if isinstance(result, list) else [{k: v for k, v in result.items() if not isinstance(v, (list, dict))}]
+        log_table(trainer, self.test_file.removesuffix(".json"), rows)

@@ -17,6 +17,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from rsgm.metrics.membership import membership_auc, membership_roc, tpr_at_fpr
 from rsgm.privacy.stats import cross_fit_scores
+from rsgm.utils.dashboard import log_table
 from rsgm.utils.figures import plt, run_dir, save_figure
 
 
@@ -63,6 +64,7 @@ class MembershipMetrics(Callback):
                 metrics[f"mia/{r['feature']}/tpr_at_{pct}fpr"] = r["tpr_at_fpr"]
                 metrics[f"mia/{r['feature']}/auc"] = r["auc"]
             trainer.logger.log_metrics(metrics)
+        log_table(trainer, "mia_metrics", [{"feature": r["feature"], f"tpr_at_{pct}_fpr": r["tpr_at_fpr"], "auc": r["auc"]} for r in rows])
         print(f"\nPer-feature MIA ({int(res['is_member'].sum())} members, {int((res['is_member'] == 0).sum())} non-members)")
         print(f"{'feature':<12}{'TPR@' + pct + 'FPR':>14}{'AUC':>8}")
         for r in rows:

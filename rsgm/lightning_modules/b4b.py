@@ -27,6 +27,7 @@ from rsgm.components.encoders import load_encoder_weights
 from rsgm.defenses.b4b import B4BDefense, load_or_create_secret
 from rsgm.defenses.cost import b4b_sigma
 from rsgm.defenses.stealing import (apply_remap, cat_images, embed, fit_linear_remap, linear_probe_accuracy,
+from rsgm.utils.dashboard import log_table
                                     mean_cosine_distance, surrogate_loss, train_surrogate)
 
 
@@ -295,9 +296,12 @@ class B4BProtocol(LightningModule):
         out = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         table.to_csv(out / "b4b_table.csv", index=False)
         coverage_at.to_csv(out / "b4b_coverage_at_equal_queries.csv", index=False)
+        log_table(self.trainer, "b4b_table", table)
+        log_table(self.trainer, "b4b_coverage_at_equal_queries", coverage_at)
         (out / "b4b_table.txt").write_text(text + "\n")
         if fidelity:
             pd.DataFrame(fidelity).to_csv(out / "b4b_remap_fidelity.csv", index=False)
+            log_table(self.trainer, "b4b_remap_fidelity", fidelity)
         self._plots(fidelity)
 
     def _reference_defense(self) -> str:

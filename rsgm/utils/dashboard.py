@@ -34,6 +34,12 @@ def define_dashboard(experiment: Any) -> None:
         experiment.define_metric(key, step_metric="trainer/global_step", summary=summary)
 
 
+def log_step(trainer: Trainer) -> int:
+    """The step Lightning logs metrics at (batches that made an optimizer step; for a GAN
+    with two optimizers this is not ``global_step``), so images and tables sit beside them."""
+    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+
 def wandb_loggers(trainer: Trainer) -> list[WandbLogger]:
     if not trainer.is_global_zero:
         return []
@@ -51,7 +57,7 @@ def _plain(value: Any) -> Any:
 
 def log_table(trainer: Trainer, name: str, rows: Any) -> None:
     """Log ``rows`` (a pandas DataFrame or a list of dicts) as the W&B table ``tables/<name>``
-    at the current global step. Columns holding arrays or lists are left out."""
+    at the step of the metrics. Columns holding arrays or lists are left out."""
     loggers = wandb_loggers(trainer)
     if not loggers:
         return
@@ -61,4 +67,67 @@ def log_table(trainer: Trainer, name: str, rows: Any) -> None:
     columns = [c for c in records[0] if not isinstance(records[0][c], (list, tuple, dict)) and getattr(records[0][c], "ndim", 0) == 0]
     data = [[_plain(r.get(c)) for c in columns] for r in records]
     for logger in loggers:
-        logger.log_table(key=f"tables/{name}", columns=[str(c) for c in columns], data=data, step=trainer.global_step)
+        logger.log_table(key=f"tables/{name}", columns=[str(c) for c in columns], data=data, step=log_step(trainer))
+
+
+def read_offline_run(folder) -> dict[str, Any]:
+    """Read an offline W&B run folder (``wandb/offline-run-*``) without syncing it.
+
+    Returns ``{"run": the run record (id, group, job_type, tags), "config": {key: value},
+    "history": [{key: value, ...} per logged step], "summary": {key: value}}``; images and
+    tables appear in the history as dicts with ``_type`` ``image-file`` / ``table-file`` and
+    their files lie under ``<folder>/files/media/``. The ``.wandb`` file is a LevelDB-style
+    log of protobuf records (7-byte file header, 32 KiB blocks of CRC/length/type chunks).
+    """
+    import json
+    from pathlib import Path
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (path,) = Path(folder).glob("run-*.wandb")
+    data, pos, chunks, pending = path.read_bytes(), 7, [], b""
+    block = 32768
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        if kind == 0:  # block padding
+            pos += left
+            continue
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 1:
+            chunks.append(chunk)
+        elif kind == 2:
+            pending = chunk
+        elif kind == 3:
+            pending += chunk
+        elif kind == 4:
+            chunks.append(pending + chunk)
+    out: dict[str, Any] = {"run": {}, "config": {}, "history": [], "summary": {}}
+
+    def items(entries):
+        got: dict[str, Any] = {}
+        for e in entries:
+            *parents, last = list(e.nested_key) or [e.key]
+            node = got
+            for k in parents:
+                node = node.setdefault(k, {})
+            node[last] = json.loads(e.value_json)
+        return got
+
+    for raw in chunks:
+        rec = pb.Record.FromString(raw)
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            out["run"] = {"id": rec.run.run_id, "group": rec.run.run_group, "job_type": rec.run.job_type,
+                          "tags": list(rec.run.tags), "name": rec.run.display_name}
+            out["config"].update(items(rec.run.config.update))
+        elif kind == "config":
+            out["config"].update(items(rec.config.update))
+        elif kind == "history":
+            out["history"].append(items(rec.history.item))
+        elif kind == "summary":
+            out["summary"].update(items(rec.summary.update))
+    return out

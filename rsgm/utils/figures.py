@@ -12,6 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from lightning.pytorch import Trainer  # noqa: E402
 from lightning.pytorch.loggers import WandbLogger  # noqa: E402
 
+from rsgm.utils.dashboard import log_step  # noqa: E402
+
 
 def run_dir(trainer: Trainer) -> Path:
     """The folder where a run keeps its artefacts (config, plots, tables, checkpoints).
@@ -39,5 +41,5 @@ def save_figure(trainer: Trainer, fig: plt.Figure, name: str) -> Path | None:
     plt.close(fig)
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
-            logger.log_image(key=f"plots/{name}", images=[str(path)], step=trainer.global_step)
+            logger.log_image(key=f"plots/{name}", images=[str(path)], step=log_step(trainer))
     return path
