@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from rsgm.cli import main as rsgm
 
@@ -95,15 +96,26 @@ def main() -> None:
     if missing:
         raise FileNotFoundError(f"no config for rows {missing} in {CONFIGS}")
 
-    root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="expertsim_table_"))
+    # Without --out the runs (about 90 MB of checkpoints) go to a temporary folder removed at the end.
+    with tempfile.TemporaryDirectory(prefix="expertsim_table_") as tmp:
+        root = Path(args.out) if args.out else Path(tmp)
+        results = run_all(args, root)
+    report(args, results, root if args.out else None)
+
+
+def run_all(args: argparse.Namespace, root: Path) -> dict[str, list[dict]]:
     results: dict[str, list[dict]] = {}
-    for row in args.rows:
-        for seed in args.seeds:
-            results.setdefault(row, []).append(run_row(row, seed, args, root))
-            r = results[row][-1]
-            experts = (f", min share {r['min_share']:.2f}, expert means {[round(m, 1) for m in r['means']]}"
-                       f", real means of routed conditions {[round(m, 1) for m in r['real_means']]}") if "means" in r else ""
-            print(f"[{row} seed {seed}] w1 {r['w1']:.3f}, batches {r['steps']}{experts}", flush=True)
+    runs = [(row, seed) for row in args.rows for seed in args.seeds]
+    for row, seed in tqdm(runs, desc="expertsim table runs", unit="run"):
+        results.setdefault(row, []).append(run_row(row, seed, args, root))
+        r = results[row][-1]
+        experts = (f", min share {r['min_share']:.2f}, expert means {[round(m, 1) for m in r['means']]}"
+                   f", real means of routed conditions {[round(m, 1) for m in r['real_means']]}") if "means" in r else ""
+        tqdm.write(f"[{row} seed {seed}] w1 {r['w1']:.3f}, batches {r['steps']}{experts}")
+    return results
+
+
+def report(args: argparse.Namespace, results: dict[str, list[dict]], kept: Path | None) -> None:
 
     print(f"\nsynthetic ZDC neutron, {args.n_synthetic} samples, width {args.width}, {args.budget_s} s training per run, "
           f"seeds {args.seeds}")
@@ -118,7 +130,8 @@ def main() -> None:
             means = np.array([r["means"] for r in rs], dtype=float)
             line += f" {min(r['min_share'] for r in rs):>9.2f}  " + " / ".join(f"{m:.0f}" for m in np.nanmean(means, 0))
         print(line)
-    print(f"runs kept in {root}")
+    if kept is not None:
+        print(f"runs kept in {kept}")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
+from rsgm.errors import BadValueError
 from rsgm.physics.features import condition_groups, peak_pixel, per_condition_diversity, photon_sum
 from rsgm.physics.simulator import CONDITION_COLUMNS, IMAGE_SHAPES, simulate_zdc
 
@@ -72,25 +73,25 @@ def validate_zdc(images: np.ndarray, conditions: pd.DataFrame, detector: str, so
     expected = IMAGE_SHAPES[detector]
     if not isinstance(images, np.ndarray) or images.ndim != 3 or tuple(images.shape[1:]) != expected:
         shape = getattr(images, "shape", type(images).__name__)
-        raise ValueError(f"{source}: images have shape {shape}, expected (N, {expected[0]}, {expected[1]}) for the {detector} detector")
+        raise BadValueError(f"{source}: images have shape {shape}, expected (N, {expected[0]}, {expected[1]}) for the {detector} detector")
     if not isinstance(conditions, pd.DataFrame):
-        raise ValueError(f"{source}: conditions must be a pandas DataFrame, got {type(conditions).__name__}")
+        raise BadValueError(f"{source}: conditions must be a pandas DataFrame, got {type(conditions).__name__}")
     missing = [c for c in CONDITION_COLUMNS if c not in conditions.columns]
     if missing:
-        raise ValueError(f"{source}: conditions lack the columns {missing}; expected {list(CONDITION_COLUMNS)}")
+        raise BadValueError(f"{source}: conditions lack the columns {missing}; expected {list(CONDITION_COLUMNS)}")
     if len(images) != len(conditions):
-        raise ValueError(f"{source}: {len(images)} images but {len(conditions)} condition rows")
+        raise BadValueError(f"{source}: {len(images)} images but {len(conditions)} condition rows")
     if len(images) == 0:
-        raise ValueError(f"{source}: the data set is empty")
+        raise BadValueError(f"{source}: the data set is empty")
     n_nan = int(np.isnan(images).sum())
     if n_nan:
-        raise ValueError(f"{source}: images contain {n_nan} NaN pixel values")
+        raise BadValueError(f"{source}: images contain {n_nan} NaN pixel values")
     n_neg = int((images < 0).sum())
     if n_neg:
-        raise ValueError(f"{source}: images contain {n_neg} negative photon counts")
+        raise BadValueError(f"{source}: images contain {n_neg} negative photon counts")
     bad = conditions[list(CONDITION_COLUMNS)].isna().sum()
     if bad.any():
-        raise ValueError(f"{source}: conditions contain NaN in columns {bad[bad > 0].index.tolist()}")
+        raise BadValueError(f"{source}: conditions contain NaN in columns {bad[bad > 0].index.tolist()}")
 
 
 class ZDCDataset(Dataset):

@@ -21,6 +21,7 @@ from lightning.pytorch import LightningModule
 from torch import nn
 
 from rsgm.datamodules.zdc import model_space_to_counts
+from rsgm.errors import BadValueError
 from rsgm.losses.gan import auxiliary_loss, discriminator_loss, diversity_loss, generator_adversarial_loss, intensity_loss
 
 Diversity = Literal["none", "uniform", "selective"]
@@ -31,8 +32,8 @@ def check_output_shape(generator: nn.Module, datamodule: Any) -> None:
     produced = getattr(generator, "image_shape", None)
     expected = getattr(datamodule, "image_shape", None)
     if produced is not None and expected is not None and tuple(produced) != tuple(expected):
-        raise ValueError(f"the generator produces {tuple(produced)} images but the data are {tuple(expected)}; "
-                         "set the same detector for model and data")
+        raise BadValueError(f"the generator produces {tuple(produced)} images but the data are {tuple(expected)}; "
+                            "set the detector once, with --data.detector (the model parts follow it)")
 
 
 class RNGStateInCheckpoint:
