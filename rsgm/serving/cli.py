@@ -7,6 +7,7 @@ from pathlib import Path
 import yaml
 
 from rsgm.serving.server import build_service, make_server
+from rsgm.utils.run_folder import project_dir, resolve_paths
 
 
 def main(argv: list[str]) -> None:
@@ -19,6 +20,7 @@ def main(argv: list[str]) -> None:
     if not cfg_path.is_file():
         raise FileNotFoundError(f"serve config {cfg_path} not found; pass --config configs/b4b_serve.yaml")
     cfg = yaml.safe_load(cfg_path.read_text()) or {}
+    resolve_paths(cfg, project_dir([cfg_path]))  # relative paths: against the repository, as in every rsgm config
     service = build_service(cfg)
     host = args.host or cfg.get("host", "127.0.0.1")
     port = cfg.get("port", 8080) if args.port is None else args.port

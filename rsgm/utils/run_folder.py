@@ -34,7 +34,9 @@ def project_dir(config_files: list[Any]) -> Path:
     """The base of relative config paths (see the module docstring)."""
     if not config_files:
         return Path.cwd()
-    first = Path(str(getattr(config_files[0], "absolute", None) or config_files[0])).resolve()
+    first = config_files[0]
+    absolute = getattr(first, "absolute", None)  # a jsonargparse Path knows its absolute form
+    first = Path(str(absolute if absolute is not None and not callable(absolute) else first)).resolve()
     return first.parent.parent if first.parent.name == "configs" else first.parent
 
 
