@@ -27,8 +27,8 @@ from rsgm.components.encoders import load_encoder_weights
 from rsgm.defenses.b4b import B4BDefense, load_or_create_secret
 from rsgm.defenses.cost import b4b_sigma
 from rsgm.defenses.stealing import (apply_remap, cat_images, embed, fit_linear_remap, linear_probe_accuracy,
-from rsgm.utils.dashboard import log_table
                                     mean_cosine_distance, surrogate_loss, train_surrogate)
+from rsgm.utils.dashboard import log_table
 
 
 class VictimEncoderModule(LightningModule):
