@@ -109,7 +109,7 @@ class ConfigToLogger(SaveConfigCallback):
 
 class RSGMCLI(LightningCLI):
     def __init__(self, *args, **kwargs) -> None:
-        self.argv = list(kwargs.get("args") or [])
+        self.argv = list(kwargs.get("args") or sys.argv[1:])  # for the resume command
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
