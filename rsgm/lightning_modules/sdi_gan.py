@@ -22,6 +22,7 @@ from torch import nn
 
 from rsgm.datamodules.zdc import model_space_to_counts
 from rsgm.losses.gan import auxiliary_loss, discriminator_loss, diversity_loss, generator_adversarial_loss, intensity_loss
+from rsgm.utils.distributed import SynchronisedManualOptimization
 
 Diversity = Literal["none", "uniform", "selective"]
 
@@ -62,8 +63,9 @@ class SimulatorEvaluation:
         return self.generate(batch)["fake"]
 
 
-class ConditionalGAN(RNGStateInCheckpoint, SimulatorEvaluation, LightningModule):
-    """Conditional GAN with DC-GAN / MS-GAN / SDI-GAN regularisation (manual optimisation).
+class ConditionalGAN(RNGStateInCheckpoint, SimulatorEvaluation, SynchronisedManualOptimization, LightningModule):
+    """Conditional GAN with DC-GAN / MS-GAN / SDI-GAN regularisation (manual optimisation;
+    data-parallel under any DDP strategy through ``rsgm.utils.distributed``).
 
     Args:
         generator: ``G(z, c)``; must expose ``noise_dim``.
@@ -169,7 +171,7 @@ class ConditionalGAN(RNGStateInCheckpoint, SimulatorEvaluation, LightningModule)
         self.untoggle_optimizer(opt_g)
         logs["train/loss_g"] = loss_g
         logs.update({f"train/g_{k}": v for k, v in terms.items()})
-        self.log_dict(logs, prog_bar=False, batch_size=len(x))
+        self.log_dict(logs, prog_bar=False, batch_size=len(x), sync_dist=True)
         self.log_dict({"loss_d": loss_d, "loss_g": loss_g}, prog_bar=True, logger=False, batch_size=len(x))
 
     def evaluation_noise(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
