@@ -25,6 +25,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
+from rsgm.utils.distributed import launcher_is_global_zero, launcher_run_id  # issue 15: multi-node run folder
+
 # Subcommands beside Lightning's fit/validate/test/predict: name -> (module:function taking
 # argv, one-line help). A new subcommand is one line here; `rsgm --help` lists them all.
 EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
@@ -70,9 +72,12 @@ class RSGMCLI(LightningCLI):
     def _make_run_dir(self) -> Path:
         if os.environ.get(RUN_DIR_ENV):
             return Path(os.environ[RUN_DIR_ENV])
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        # Multi-node (issue 15): processes started by torchrun / SLURM share the launcher's run id
+        # instead of a per-process timestamp; only global rank 0 creates files.
+        stamp = launcher_run_id() or datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         path = Path(self._get(self.config, "run_dir")) / self._run_name() / f"{self.subcommand}-{stamp}"
-        path.mkdir(parents=True, exist_ok=True)
+        if launcher_is_global_zero():
+            path.mkdir(parents=True, exist_ok=True)
         os.environ[RUN_DIR_ENV] = str(path)
         return path
 
@@ -92,7 +97,8 @@ class RSGMCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         path = Path(trainer_cfg["default_root_dir"]) if trainer_cfg.get("default_root_dir") else self._make_run_dir()
-        path.mkdir(parents=True, exist_ok=True)
+        if launcher_is_global_zero():  # issue 15: the run folder is created once, by global rank 0
+            path.mkdir(parents=True, exist_ok=True)
         kwargs.setdefault("default_root_dir", str(path))
         if trainer_cfg.get("logger") in (None, True):
             kwargs.setdefault("logger", self._make_logger(path))

@@ -20,6 +20,7 @@ tests/test_scale_ddp.py).
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
@@ -103,3 +104,27 @@ class SynchronisedManualOptimization:
         super().on_train_batch_end(outputs, batch, batch_idx)
         if _ddp_wrapper(self) is not None:
             broadcast_buffers(self)
+
+
+# -- launchers ----------------------------------------------------------------------------
+def launcher_run_id() -> str | None:
+    """An id every process of a multi-node job shares, set by its launcher: torchrun's
+    ``--rdzv-id`` (``TORCHELASTIC_RUN_ID``) or, for a job step of several tasks, SLURM's job
+    and step id; ``None`` otherwise (one process, or a launcher without a shared id)."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id and run_id != "none":
+        return run_id
+    if os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_NTASKS", 1)) > 1:
+        step = os.environ.get("SLURM_STEP_ID")
+        return os.environ["SLURM_JOB_ID"] + (f".{step}" if step else "")
+    return None
+
+
+def launcher_is_global_zero() -> bool:
+    """Whether this process is global rank 0 according to its launcher's environment
+    (torchrun ``RANK``, SLURM ``SLURM_PROCID``, Lightning ``NODE_RANK`` / ``LOCAL_RANK``);
+    true when no launcher is involved."""
+    for var in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(var) is not None:
+            return int(os.environ[var]) == 0
+    return int(os.environ.get("NODE_RANK", 0)) == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
