@@ -128,3 +128,11 @@ def launcher_is_global_zero() -> bool:
         if os.environ.get(var) is not None:
             return int(os.environ[var]) == 0
     return int(os.environ.get("NODE_RANK", 0)) == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
+
+
+def index_seeded_normal(index: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
+    """Standard-normal rows, row ``k`` drawn from a generator seeded by ``(seed, index[k])``
+    alone: the same draws for a sample whatever the batching and the number of processes
+    (a DistributedSampler deals every rank a different mix of samples)."""
+    rows = [torch.randn(dim, generator=torch.Generator().manual_seed(seed * 2**32 + i)) for i in index.tolist()]
+    return torch.stack(rows) if rows else torch.empty(0, dim)
