@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,7 +16,9 @@ def gpu_bench():
     spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "benchmarks" / "gpu_bench.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module
+    threads = torch.get_num_threads()
+    yield module
+    torch.set_num_threads(threads)  # main() sets its own thread count
 
 
 def test_small_run_writes_every_section(gpu_bench, tmp_path):

@@ -134,5 +134,8 @@ def index_seeded_normal(index: torch.Tensor, dim: int, seed: int) -> torch.Tenso
     """Standard-normal rows, row ``k`` drawn from a generator seeded by ``(seed, index[k])``
     alone: the same draws for a sample whatever the batching and the number of processes
     (a DistributedSampler deals every rank a different mix of samples)."""
-    rows = [torch.randn(dim, generator=torch.Generator().manual_seed(seed * 2**32 + i)) for i in index.tolist()]
+    # torch's CPU generator keeps 32 bits of its seed: mix the seed into 32 bits and xor the
+    # index in, which keeps distinct indices on distinct streams for one seed.
+    base = (seed * 0x9E3779B1) & 0xFFFFFFFF
+    rows = [torch.randn(dim, generator=torch.Generator().manual_seed(base ^ i)) for i in index.tolist()]
     return torch.stack(rows) if rows else torch.empty(0, dim)
