@@ -39,6 +39,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from rsgm.errors import MissingFileError, RSGMError
+from rsgm.utils.distributed import launcher_is_global_zero, launcher_run_id
 from rsgm.utils.dashboard import define_dashboard, pillar_of
 from rsgm.utils.run_folder import (EXPORT_KEYS, WANDB_ID_FILE, RunGuard, TimeEstimate, config_paths, project_dir,
                                    resolve_paths, run_folder_of, stored_wandb_id)
@@ -188,10 +189,13 @@ class RSGMCLI(LightningCLI):
         if resumed is not None:
             path = resumed
         else:
-            stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+            # Processes started by torchrun / SLURM on several nodes share the launcher's run id
+            # instead of a per-process timestamp; only global rank 0 creates files.
+            stamp = launcher_run_id() or datetime.now().strftime("%Y%m%d-%H%M%S-%f")
             path = Path(self._get(self.config, "run_dir")) / self._run_name() / f"{self.subcommand}-{stamp}"
-            path.mkdir(parents=True, exist_ok=True)
-            _CREATED["run_dir"] = path
+            if launcher_is_global_zero():
+                path.mkdir(parents=True, exist_ok=True)
+                _CREATED["run_dir"] = path
         os.environ[RUN_DIR_ENV] = str(path)
         return path
 
@@ -217,7 +221,8 @@ class RSGMCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         path = Path(trainer_cfg["default_root_dir"]) if trainer_cfg.get("default_root_dir") else self._make_run_dir()
-        path.mkdir(parents=True, exist_ok=True)
+        if launcher_is_global_zero():  # the run folder is created once, by global rank 0
+            path.mkdir(parents=True, exist_ok=True)
         kwargs.setdefault("default_root_dir", str(path))
         logger = None
         if trainer_cfg.get("logger") in (None, True):

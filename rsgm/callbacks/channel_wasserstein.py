@@ -90,8 +90,9 @@ class ChannelWassersteinCallback(SplitEvaluation):
         scalars = {f"{split}/w1_mean": float(result["w1_mean"])}
         scalars.update({f"{split}/w1_{name}": float(v) for name, v in zip(CHANNEL_NAMES, result["w1"])})
         scalars.update({f"{split}/w1_q{q + 1}": float(v) for q, v in enumerate(result["w1_quartiles"])})
-        pl_module.log_dict(scalars, prog_bar=False)
-        pl_module.log(f"{split}_w1", scalars[f"{split}/w1_mean"], prog_bar=True, logger=False)
+        # Computed from states gathered on every rank: identical values, so sync_dist only averages equals.
+        pl_module.log_dict(scalars, prog_bar=False, sync_dist=True)
+        pl_module.log(f"{split}_w1", scalars[f"{split}/w1_mean"], prog_bar=True, logger=False, sync_dist=True)
         if plot:
             tag = f"{split} epoch {trainer.current_epoch}"
             save_figure(trainer, channel_histogram_figure(result["real"].cpu().numpy(), result["fake"].cpu().numpy(),

@@ -118,7 +118,7 @@ class ExpertSpecialisationCallback(SplitEvaluation):
             scalars.update({f"{split}/expert{i}_share": r["share"], f"{split}/expert{i}_mean_intensity": r["mean_intensity"],
                             f"{split}/expert{i}_std_intensity": r["std_intensity"],
                             f"{split}/expert{i}_real_mean_intensity": r["real_mean_intensity"]})
-        pl_module.log_dict(scalars)
+        pl_module.log_dict(scalars, sync_dist=True)  # from gathered states: equal on every rank
         if plot:
             fig = expert_histogram_figure(got["real"].cpu().numpy(), got["fake"].cpu().numpy(), got["expert"].cpu().numpy(),
                                           self.n_experts, f"channel values per expert, {split} epoch {trainer.current_epoch}")

@@ -48,7 +48,7 @@ class Synthetic2DCallback(SplitEvaluation):
         scale = trainer.datamodule.hparams.scale
         real, fake = s["real"].cpu() * scale, s["fake"].cpu() * scale
         report = synthetic2d_report(real, fake, s["label"].cpu(), s["spread"].cpu())
-        pl_module.log_dict({f"{split}/{k}": v for k, v in report.items()})
+        pl_module.log_dict({f"{split}/{k}": v for k, v in report.items()}, sync_dist=True)  # gathered: equal on every rank
         if plot:
             fig = scatter_figure(real.numpy(), fake.numpy(), s["spread"].cpu().numpy(), f"{split}, epoch {trainer.current_epoch}")
             save_figure(trainer, fig, f"{split}_points_epoch{trainer.current_epoch:03d}")

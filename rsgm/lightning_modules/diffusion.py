@@ -49,7 +49,7 @@ class ClassConditionalDiffusion(LightningModule):
         ab = self.alphas_cumprod[t].view(-1, 1, 1, 1)
         pred = self.unet(ab.sqrt() * x + (1 - ab).sqrt() * eps, t, class_labels=y).sample
         loss = (pred - eps).pow(2).mean()
-        self.log("train/loss", loss, prog_bar=True, on_step=False, on_epoch=True)
+        self.log("train/loss", loss, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
         return loss
 
     def configure_optimizers(self):

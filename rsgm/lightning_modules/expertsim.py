@@ -41,7 +41,9 @@ docs/expertsim.md):
   (baselined).
 
 An expert that receives fewer than two samples in a batch sits that step out
-(BatchNorm needs two samples in training mode).
+(BatchNorm needs two samples in training mode). Every optimiser still steps on every
+rank, so under DDP such an expert contributes a zero gradient to the all-reduce of the
+ranks where it did receive samples (``rsgm.utils.distributed``).
 
 Inference draws each condition's expert as in training (``inference_routing="sample"``,
 seeded Gumbel-max; see ``rsgm.components.router``) or takes the argmax, and gives every
@@ -64,6 +66,7 @@ from rsgm.datamodules.zdc import model_space_to_counts
 from rsgm.lightning_modules.sdi_gan import ConditionalGAN, Diversity, RNGStateInCheckpoint, SimulatorEvaluation, check_output_shape
 from rsgm.losses.gan import auxiliary_loss, discriminator_loss
 from rsgm.losses.routing import differentiation_loss, expert_loss_signal, rescale_intensity, utilisation_loss
+from rsgm.utils.distributed import SynchronisedManualOptimization
 
 
 def fresh_copy(module: nn.Module) -> nn.Module:
@@ -90,7 +93,7 @@ def build_experts(n_experts: int, generator: nn.Module, discriminator: nn.Module
     )
 
 
-class ExpertSim(RNGStateInCheckpoint, SimulatorEvaluation, LightningModule):
+class ExpertSim(RNGStateInCheckpoint, SimulatorEvaluation, SynchronisedManualOptimization, LightningModule):
     """Mixture of generative experts with a trained router.
 
     Args:
@@ -216,14 +219,12 @@ class ExpertSim(RNGStateInCheckpoint, SimulatorEvaluation, LightningModule):
             loss_d = loss_d + discriminator_loss(real_logit, fake_logit)
             if opt_aux:
                 loss_aux = loss_aux + auxiliary_loss(expert.aux_regressor(x[idx]), batch["peak"][idx])
-        if active:
-            opt_d.zero_grad()
-            self.manual_backward(loss_d)
-            opt_d.step()
-            if opt_aux:
-                opt_aux[0].zero_grad()
-                self.manual_backward(loss_aux)
-                opt_aux[0].step()
+        # Unconditional steps: a rank without active experts must still join the gradient all-reduce.
+        for opt, loss_part in [(opt_d, loss_d)] + [(o, loss_aux) for o in opt_aux]:
+            opt.zero_grad()
+            if loss_part.requires_grad:
+                self.manual_backward(loss_part)
+            opt.step()
 
         # Generators and router: eq. 5.5 per expert on its routed samples, plus eq. 5.8's terms.
         # The critics are fixed during this step; their gradients would be wasted work.
@@ -268,12 +269,12 @@ class ExpertSim(RNGStateInCheckpoint, SimulatorEvaluation, LightningModule):
 
         share = torch.bincount(expert_of, minlength=hp.n_experts).float() / len(x)
         logs = {"train/loss_d": loss_d, "train/loss_g": loss_experts, "train/loss_router": loss,
-                "train/l_util": loss_util, "train/l_diff": loss_diff, "train/tau": torch.tensor(tau)}
+                "train/l_util": loss_util, "train/l_diff": loss_diff, "train/tau": tau}
         if opt_aux:
             logs["train/loss_aux_regressor"] = loss_aux
         logs.update({f"train/g_{k}": v for k, v in terms_sum.items()})
         logs.update({f"train/share_expert{i}": share[i] for i in range(hp.n_experts)})
-        self.log_dict(logs, batch_size=len(x))
+        self.log_dict(logs, batch_size=len(x), sync_dist=True)
         self.log_dict({"loss_d": loss_d, "loss_g": loss_experts}, prog_bar=True, logger=False, batch_size=len(x))
 
     # -- generation ----------------------------------------------------------------------

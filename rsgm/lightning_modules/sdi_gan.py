@@ -23,6 +23,7 @@ from torch import nn
 from rsgm.datamodules.zdc import model_space_to_counts
 from rsgm.errors import BadValueError
 from rsgm.losses.gan import auxiliary_loss, discriminator_loss, diversity_loss, generator_adversarial_loss, intensity_loss
+from rsgm.utils.distributed import SynchronisedManualOptimization, index_seeded_normal
 
 Diversity = Literal["none", "uniform", "selective"]
 
@@ -63,8 +64,9 @@ class SimulatorEvaluation:
         return self.generate(batch)["fake"]
 
 
-class ConditionalGAN(RNGStateInCheckpoint, SimulatorEvaluation, LightningModule):
-    """Conditional GAN with DC-GAN / MS-GAN / SDI-GAN regularisation (manual optimisation).
+class ConditionalGAN(RNGStateInCheckpoint, SimulatorEvaluation, SynchronisedManualOptimization, LightningModule):
+    """Conditional GAN with DC-GAN / MS-GAN / SDI-GAN regularisation (manual optimisation;
+    data-parallel under any DDP strategy through ``rsgm.utils.distributed``).
 
     Args:
         generator: ``G(z, c)``; must expose ``noise_dim``.
@@ -170,13 +172,13 @@ class ConditionalGAN(RNGStateInCheckpoint, SimulatorEvaluation, LightningModule)
         self.untoggle_optimizer(opt_g)
         logs["train/loss_g"] = loss_g
         logs.update({f"train/g_{k}": v for k, v in terms.items()})
-        self.log_dict(logs, prog_bar=False, batch_size=len(x))
+        self.log_dict(logs, prog_bar=False, batch_size=len(x), sync_dist=True)
         self.log_dict({"loss_d": loss_d, "loss_g": loss_g}, prog_bar=True, logger=False, batch_size=len(x))
 
     def evaluation_noise(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Noise seeded by the batch's first sample index: the same draws every epoch."""
-        gen = torch.Generator().manual_seed(self.hparams.eval_seed + int(batch["index"][0]))
-        return torch.randn(len(batch["x"]), self.generator.noise_dim, generator=gen).to(self.device)
+        """Noise seeded by each sample's index: the same draws every epoch, for any batch size
+        and number of processes (so a 2-process ``rsgm test`` reproduces 1 process)."""
+        return index_seeded_normal(batch["index"], self.generator.noise_dim, self.hparams.eval_seed).to(self.device)
 
     def generate(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         fake = self.generator(self.evaluation_noise(batch), batch["cond"])

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# One-shot GPU benchmark of rsgm (ZDC generation eager vs compiled, CDI features, DI statistics,
+# B4B overhead), 1 GPU against 1 CPU process. Run from the repository root on a CUDA machine:
+#
+#     bash benchmarks/gpu.sh            # about 5 minutes on an H200, torch.compile warm-up included
+#
+# Writes benchmarks/results/gpu_bench.md (the table) and benchmarks/results/gpu_bench.json.
+# Extra arguments go to benchmarks/gpu_bench.py (e.g. --sections zdc di, --budget 1).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU visible to torch'; print(torch.cuda.get_device_name(0))"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" timeout 900 python benchmarks/gpu_bench.py --out benchmarks/results "$@"
