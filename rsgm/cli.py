@@ -29,6 +29,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 # argv, one-line help). A new subcommand is one line here; `rsgm --help` lists them all.
 EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("rsgm.serving.cli:main", "serve a B4B-defended encoder over HTTP"),
+    "convert-zdc": ("rsgm.physics.zdc_files:convert_main", "convert published ZDC pickles once to rsgm's HDF5 layout"),
 }
 
 # Set by the first process of a run, so DDP worker processes that re-run the command line
@@ -57,6 +58,9 @@ class RSGMCLI(LightningCLI):
         parser.add_argument("--run_dir", default="runs", help="Parent folder of all run folders.")
         parser.add_argument("--run_name", default=None,
                             help="Sub-folder name; defaults to the config file's name.")
+        # -- ZDC simulated showers: `rsgm predict ... --output showers.h5` (rsgm/callbacks/prediction_writer.py)
+        parser.add_argument("--output", default=None,
+                            help="rsgm predict with a ZDC simulator: write the responses to this .h5 or .pkl file.")
 
     def _run_name(self) -> str:
         name = self._get(self.config, "run_name")
@@ -102,6 +106,11 @@ class RSGMCLI(LightningCLI):
             isinstance(c, ModelCheckpoint) for c in callbacks
         ):
             callbacks.append(ModelCheckpoint(dirpath=str(path / "checkpoints"), save_last=True))
+        # -- ZDC simulated showers: attach the prediction writer for `rsgm predict --output X`
+        if self.subcommand == "predict" and self._get(self.config, "output"):
+            from rsgm.callbacks.prediction_writer import ZDCPredictionWriter
+
+            callbacks.append(ZDCPredictionWriter(self._get(self.config, "output")))
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 

@@ -9,7 +9,9 @@ terms: intensity regularisation (``lambda_in``) and the auxiliary peak regressor
 
 Batches are dicts with ``x``, ``cond``, ``fdiv`` and ``index`` (plus ``intensity`` and
 ``peak`` for the chapter-5 terms). ``data_space="log1p"`` says ``x`` is ``log(1 + counts)``;
-evaluation outputs are then mapped back to photon counts.
+evaluation outputs are then mapped back to photon counts. ``compile_generator`` runs the
+generator under ``torch.compile`` for generation (evaluation and ``rsgm predict``; eager
+when compilation is unavailable); training is always eager.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from rsgm.datamodules.zdc import model_space_to_counts
+from rsgm.components.gan import CompiledForInference
 from rsgm.losses.gan import auxiliary_loss, discriminator_loss, diversity_loss, generator_adversarial_loss, intensity_loss
+from rsgm.physics.units import model_space_to_counts
 
 Diversity = Literal["none", "uniform", "selective"]
 
@@ -50,7 +54,11 @@ class RNGStateInCheckpoint:
 
 class SimulatorEvaluation:
     """Mixin: validation and test steps return ``self.generate(batch)`` (real and generated
-    responses for the evaluation callbacks); predict returns the generated responses."""
+    responses for the evaluation callbacks); predict returns the generated responses in
+    photon counts with the batch's bookkeeping (``index``, ``sample``, ``position``,
+    ``raw_cond``) and, for a mixture, the ``expert`` of each (see
+    ``rsgm.callbacks.prediction_writer``). The model provides ``simulate(cond, generator)``
+    returning ``(responses, expert ids or None)``."""
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         return self.generate(batch)
@@ -58,8 +66,15 @@ class SimulatorEvaluation:
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         return self.generate(batch)
 
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self.generate(batch)["fake"]
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        # Noise seeded by the batch's first output row: reproducible for a given batch size.
+        first = batch["position"] if "position" in batch else batch["index"]
+        gen = torch.Generator().manual_seed(self.hparams.eval_seed + int(first[0]))
+        fake, expert = self.simulate(batch["cond"], gen)
+        out = {"fake": fake, **{k: batch[k] for k in ("index", "sample", "position", "raw_cond") if k in batch}}
+        if expert is not None:
+            out["expert"] = expert
+        return out
 
 
 class ConditionalGAN(RNGStateInCheckpoint, SimulatorEvaluation, LightningModule):
@@ -74,6 +89,7 @@ class ConditionalGAN(RNGStateInCheckpoint, SimulatorEvaluation, LightningModule)
         lr_g, lr_d, lr_aux: Adam learning rates (betas 0.5, 0.999).
         data_space: ``log1p`` for ZDC images, ``linear`` for vector data.
         eval_seed: seed of the evaluation noise, so epochs are compared on the same draws.
+        compile_generator: generate under ``torch.compile`` (eager fallback, logged once).
     """
 
     def __init__(
@@ -91,6 +107,7 @@ class ConditionalGAN(RNGStateInCheckpoint, SimulatorEvaluation, LightningModule)
         lr_aux: float = 1e-4,
         data_space: Literal["log1p", "linear"] = "log1p",
         eval_seed: int = 1234,
+        compile_generator: bool = False,
     ) -> None:
         super().__init__()
         if diversity not in ("none", "uniform", "selective"):
@@ -100,6 +117,7 @@ class ConditionalGAN(RNGStateInCheckpoint, SimulatorEvaluation, LightningModule)
         self.save_hyperparameters(ignore=["generator", "discriminator", "aux_regressor"])
         self.automatic_optimization = False
         self.generator, self.discriminator, self.aux_regressor = generator, discriminator, aux_regressor
+        self._compiled: CompiledForInference | None = None
 
     def setup(self, stage: str) -> None:
         check_output_shape(self.generator, getattr(self.trainer, "datamodule", None))
@@ -172,12 +190,24 @@ class ConditionalGAN(RNGStateInCheckpoint, SimulatorEvaluation, LightningModule)
         self.log_dict(logs, prog_bar=False, batch_size=len(x))
         self.log_dict({"loss_d": loss_d, "loss_g": loss_g}, prog_bar=True, logger=False, batch_size=len(x))
 
-    def evaluation_noise(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Noise seeded by the batch's first sample index: the same draws every epoch."""
-        gen = torch.Generator().manual_seed(self.hparams.eval_seed + int(batch["index"][0]))
-        return torch.randn(len(batch["x"]), self.generator.noise_dim, generator=gen).to(self.device)
+    def run_generator(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The generator for generation: compiled when ``compile_generator`` and no
+        gradient is needed, eager otherwise."""
+        if not self.hparams.get("compile_generator", False) or torch.is_grad_enabled():
+            return self.generator(z, cond)
+        if self._compiled is None:
+            self._compiled = CompiledForInference(self.generator, log=rank_zero_info)
+        return self._compiled(z, cond)
+
+    @torch.inference_mode()
+    def simulate(self, cond: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, None]:
+        """Output-space (photon-count) responses for ``cond``; noise drawn from ``generator``."""
+        z = torch.randn(len(cond), self.generator.noise_dim, generator=generator).to(cond.device)
+        return self.to_output_space(self.run_generator(z, cond)), None
 
     def generate(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        fake = self.generator(self.evaluation_noise(batch), batch["cond"])
-        return {"real": self.to_output_space(batch["x"]), "fake": self.to_output_space(fake),
-                "index": batch["index"], "batch": batch}
+        """Evaluation outputs; noise seeded by the batch's first sample index, so every
+        epoch is compared on the same draws."""
+        gen = torch.Generator().manual_seed(self.hparams.eval_seed + int(batch["index"][0]))
+        fake, _ = self.simulate(batch["cond"], gen)
+        return {"real": self.to_output_space(batch["x"]), "fake": fake, "index": batch["index"], "batch": batch}
