@@ -50,7 +50,9 @@ def write_zdc_pickles(folder: str | Path, images: np.ndarray, conditions: pd.Dat
     """Write images and conditions in the published pickle layout; returns both paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    cut = int(np.nan_to_num(photon_sum(images)).max()) if len(images) else 0
+    sums = photon_sum(images) if len(images) else np.zeros(0)
+    sums = sums[np.isfinite(sums)]
+    cut = int(min(sums.max(), 1e12)) if len(sums) else 0  # only a file name: bad values are refused on reading
     image_path = folder / f"data_{detector}_photonsum_{detector}_1_{cut}.pkl"
     cond_path = folder / f"data_cond_photonsum_{detector}_1_{cut}.pkl"
     pd.to_pickle(images, image_path)
