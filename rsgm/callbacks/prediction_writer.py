@@ -74,8 +74,7 @@ class ZDCPredictionWriter(BasePredictionWriter):
         if stage != "predict":
             return
         trainer.predict_loop.return_predictions = False  # the file holds them; memory stays flat
-        if not self.output.parent.is_dir():
-            raise RSGMError(f"--output {self.output}: folder '{self.output.parent}' does not exist")
+        self.output.parent.mkdir(parents=True, exist_ok=True)
         self.part_path(trainer.global_rank).unlink(missing_ok=True)
 
     def write_on_batch_end(self, trainer: Trainer, pl_module: LightningModule, prediction: Any,

@@ -192,7 +192,7 @@ class HDF5Appender:
     dataset, so memory does not grow with the number of rows."""
 
     def __init__(self, path: str | Path, detector: str, columns: Iterable[str] = CONDITION_COLUMNS,
-                 chunk_rows: int = 256, attrs: dict | None = None) -> None:
+                 chunk_rows: int = 64, attrs: dict | None = None) -> None:
         self.path, self.chunk_rows = Path(path), chunk_rows
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = _h5py().File(self.path, "w")
