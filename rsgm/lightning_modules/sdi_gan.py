@@ -191,12 +191,14 @@ class ConditionalGAN(RNGStateInCheckpoint, SimulatorEvaluation, LightningModule)
         self.log_dict({"loss_d": loss_d, "loss_g": loss_g}, prog_bar=True, logger=False, batch_size=len(x))
 
     def run_generator(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """The generator for generation: compiled when ``compile_generator`` and no
-        gradient is needed, eager otherwise."""
-        if not self.hparams.get("compile_generator", False) or torch.is_grad_enabled():
+        """The generator for generation: compiled when ``compile_generator``, in eval mode
+        and without gradients; eager otherwise."""
+        if not self.hparams.get("compile_generator", False) or torch.is_grad_enabled() or self.generator.training:
             return self.generator(z, cond)
         if self._compiled is None:
             self._compiled = CompiledForInference(self.generator, log=rank_zero_info)
+        if len(z) == 1:  # batch size 1 would be a second compilation; rows are independent in eval mode
+            return self._compiled(z.expand(2, -1), cond.expand(2, -1))[:1]
         return self._compiled(z, cond)
 
     @torch.inference_mode()
