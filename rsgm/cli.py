@@ -56,6 +56,7 @@ LIGHTNING_COMMANDS: dict[str, str] = {
 # A new subcommand is one line here; `rsgm --help` lists them all.
 EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("rsgm.serving.cli:main", "serve a B4B-defended encoder over HTTP"),
+    "convert-zdc": ("rsgm.physics.zdc_files:convert_main", "convert published ZDC pickles once to rsgm's HDF5 layout"),
 }
 
 # Set by the first process of a run, so DDP worker processes that re-run the command line
@@ -122,6 +123,9 @@ class RSGMCLI(LightningCLI):
         parser.add_argument("--run_dir", default="runs", help="Parent folder of all run folders.")
         parser.add_argument("--run_name", default=None,
                             help="Sub-folder name; defaults to the config file's name.")
+        # -- ZDC simulated showers: `rsgm predict ... --output showers.h5` (rsgm/callbacks/prediction_writer.py)
+        parser.add_argument("--output", default=None,
+                            help="rsgm predict with a ZDC simulator: write the responses to this .h5 or .pkl file.")
         parser.add_argument("--allow_untrained", type=bool, default=False,
                             help="validate/test/predict a model with trainable weights without --ckpt_path (smoke tests).")
         parser.add_argument("--overwrite", type=bool, default=False,
@@ -239,6 +243,11 @@ class RSGMCLI(LightningCLI):
                                                  enable_version_counter=False))
             wandb_id = logger.version if isinstance(logger, WandbLogger) else None
             callbacks += [TimeEstimate(), RunGuard(path / "checkpoints", self.argv, wandb_id)]
+        # -- ZDC simulated showers: attach the prediction writer for `rsgm predict --output X`
+        if self.subcommand == "predict" and self._get(self.config, "output"):
+            from rsgm.callbacks.prediction_writer import ZDCPredictionWriter
+
+            callbacks.append(ZDCPredictionWriter(self._get(self.config, "output")))
         kwargs["callbacks"] = callbacks
         if trainer_cfg.get("enable_model_summary") is None:
             # Lightning's table ends in "Total FLOPs: 0" for models without an example input;

@@ -144,3 +144,37 @@ class MLPDiscriminator(nn.Module):
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.encoder(torch.cat([x, cond], dim=1))
         return self.head(features).squeeze(1), features
+
+
+class CompiledForInference:
+    """Calls a module under ``torch.compile`` (dynamic batch size) for generation, falling
+    back to the eager module when compilation is unavailable or fails (e.g. no C++
+    compiler for inductor on CPU); the fallback is logged once per process.
+
+    Not an ``nn.Module``: it is never part of a state dict, and the eager module it wraps
+    stays the one that trains and is checkpointed. Only use it without gradients.
+    """
+
+    _fallback_said = False
+
+    def __init__(self, module: nn.Module, log=print) -> None:
+        self.module, self.log = module, log
+        self.compiled = None
+        self.failed = False
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        if not self.failed:
+            try:
+                if self.compiled is None:
+                    self.compiled = torch.compile(self.module, dynamic=True)
+                return self.compiled(*args)
+            except Exception as err:  # noqa: BLE001  any compiler failure: eager gives the same result
+                self.failed = True
+                if not CompiledForInference._fallback_said:
+                    CompiledForInference._fallback_said = True
+                    self.log(f"torch.compile is unavailable here ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                             "generating in eager mode")
+        return self.module(*args)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "compiled": None}  # compiled code does not travel (deepcopy, spawn)

@@ -17,6 +17,8 @@ the batch-mean gate probability that the utilisation loss balances. The determin
 
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -63,6 +65,26 @@ class Router(nn.Module):
             u = torch.rand(logits.shape, generator=generator).to(logits.device)
             logits = logits - torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
         return logits.argmax(dim=1)
+
+
+def dispatch(generators: Sequence[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]], z: torch.Tensor,
+             cond: torch.Tensor, expert_of: torch.Tensor) -> torch.Tensor:
+    """Responses for ``(z, cond)`` routed to experts ``expert_of``: every expert generates
+    its whole routed sub-batch in one call, and the same index tensor gathers its inputs
+    and scatters its outputs back, so a condition is never paired with another expert's output."""
+    if not len(z) == len(cond) == len(expert_of):
+        raise ValueError(f"dispatch needs as many noise rows, conditions and expert ids, got {len(z)}, {len(cond)}, {len(expert_of)}")
+    out: torch.Tensor | None = None
+    for i, generate in enumerate(generators):
+        idx = torch.nonzero(expert_of == i).squeeze(1)
+        if len(idx) == 0:
+            continue
+        fake = generate(z[idx], cond[idx])
+        if out is None:
+            out = fake.new_zeros(len(cond), *fake.shape[1:])
+        out[idx] = fake
+    return out
+
 
 def annealed_temperature(progress: float, tau_start: float = 1.2, tau_end: float = 0.8) -> float:
     """Linear schedule: ``tau_start`` at ``progress = 0``, ``tau_end`` from ``progress >= 1``."""

@@ -61,11 +61,11 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import nn
 
-from rsgm.components.router import Router, annealed_temperature
-from rsgm.datamodules.zdc import model_space_to_counts
+from rsgm.components.router import Router, annealed_temperature, dispatch
 from rsgm.lightning_modules.sdi_gan import ConditionalGAN, Diversity, RNGStateInCheckpoint, SimulatorEvaluation, check_output_shape
 from rsgm.losses.gan import auxiliary_loss, discriminator_loss
 from rsgm.losses.routing import differentiation_loss, expert_loss_signal, rescale_intensity, utilisation_loss
+from rsgm.physics.units import model_space_to_counts
 from rsgm.utils.distributed import SynchronisedManualOptimization
 
 
@@ -114,6 +114,7 @@ class ExpertSim(RNGStateInCheckpoint, SimulatorEvaluation, SynchronisedManualOpt
         lr_g, lr_d, lr_aux, lr_router: Adam learning rates (betas 0.5, 0.999).
         data_space: ``log1p`` for ZDC images.
         eval_seed: seed of the evaluation noise.
+        compile_generator: generate under ``torch.compile`` (eager fallback, logged once).
     """
 
     def __init__(
@@ -142,6 +143,7 @@ class ExpertSim(RNGStateInCheckpoint, SimulatorEvaluation, SynchronisedManualOpt
         lr_router: float = 1e-4,
         data_space: Literal["log1p", "linear"] = "log1p",
         eval_seed: int = 1234,
+        compile_generator: bool = False,
     ) -> None:
         super().__init__()
         if n_experts < 1:
@@ -158,7 +160,8 @@ class ExpertSim(RNGStateInCheckpoint, SimulatorEvaluation, SynchronisedManualOpt
         self.automatic_optimization = False
         self.experts = build_experts(n_experts, generator, discriminator, aux_regressor, diversity=diversity,
                                      image_distance=image_distance, lambda_div=lambda_div, lambda_in=lambda_in,
-                                     lambda_aux=lambda_aux, data_space=data_space)
+                                     lambda_aux=lambda_aux, data_space=data_space,
+                                     compile_generator=compile_generator)
         self.router = Router(n_experts, cond_dim=generator.cond_dim, hidden=tuple(router_hidden))
         self.noise_dim = generator.noise_dim
 
@@ -285,21 +288,8 @@ class ExpertSim(RNGStateInCheckpoint, SimulatorEvaluation, SynchronisedManualOpt
 
     @torch.inference_mode()
     def dispatch(self, z: torch.Tensor, cond: torch.Tensor, expert_of: torch.Tensor) -> torch.Tensor:
-        """Model-space responses for ``(z, cond)`` routed to experts ``expert_of``: every
-        expert generates its whole routed sub-batch in one call, and the same index tensor
-        gathers its inputs and scatters its outputs back."""
-        if not len(z) == len(cond) == len(expert_of):
-            raise ValueError(f"dispatch needs as many noise rows, conditions and expert ids, got {len(z)}, {len(cond)}, {len(expert_of)}")
-        out: torch.Tensor | None = None
-        for i, expert in enumerate(self.experts):
-            idx = torch.nonzero(expert_of == i).squeeze(1)
-            if len(idx) == 0:
-                continue
-            fake = expert.generator(z[idx], cond[idx])
-            if out is None:
-                out = fake.new_zeros(len(cond), *fake.shape[1:])
-            out[idx] = fake
-        return out
+        """Model-space responses for ``(z, cond)`` routed to experts ``expert_of`` (one call per expert)."""
+        return dispatch([e.run_generator for e in self.experts], z, cond, expert_of)
 
     @torch.inference_mode()
     def simulate(self, cond: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:

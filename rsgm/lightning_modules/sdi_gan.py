@@ -9,7 +9,9 @@ terms: intensity regularisation (``lambda_in``) and the auxiliary peak regressor
 
 Batches are dicts with ``x``, ``cond``, ``fdiv`` and ``index`` (plus ``intensity`` and
 ``peak`` for the chapter-5 terms). ``data_space="log1p"`` says ``x`` is ``log(1 + counts)``;
-evaluation outputs are then mapped back to photon counts.
+evaluation outputs are then mapped back to photon counts. ``compile_generator`` runs the
+generator under ``torch.compile`` for generation (evaluation and ``rsgm predict``; eager
+when compilation is unavailable); training is always eager.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from rsgm.datamodules.zdc import model_space_to_counts
+from rsgm.components.gan import CompiledForInference
 from rsgm.errors import BadValueError
 from rsgm.losses.gan import auxiliary_loss, discriminator_loss, diversity_loss, generator_adversarial_loss, intensity_loss
+from rsgm.physics.units import model_space_to_counts
 from rsgm.utils.distributed import SynchronisedManualOptimization, index_seeded_normal
 
 Diversity = Literal["none", "uniform", "selective"]
@@ -52,7 +56,11 @@ class RNGStateInCheckpoint:
 
 class SimulatorEvaluation:
     """Mixin: validation and test steps return ``self.generate(batch)`` (real and generated
-    responses for the evaluation callbacks); predict returns the generated responses."""
+    responses for the evaluation callbacks); predict returns the generated responses in
+    photon counts with the batch's bookkeeping (``index``, ``sample``, ``position``,
+    ``raw_cond``) and, for a mixture, the ``expert`` of each (see
+    ``rsgm.callbacks.prediction_writer``). The model provides ``simulate(cond, generator)``
+    returning ``(responses, expert ids or None)``."""
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         return self.generate(batch)
@@ -60,8 +68,15 @@ class SimulatorEvaluation:
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         return self.generate(batch)
 
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self.generate(batch)["fake"]
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        # Noise seeded by the batch's first output row: reproducible for a given batch size.
+        first = batch["position"] if "position" in batch else batch["index"]
+        gen = torch.Generator().manual_seed(self.hparams.eval_seed + int(first[0]))
+        fake, expert = self.simulate(batch["cond"], gen)
+        out = {"fake": fake, **{k: batch[k] for k in ("index", "sample", "position", "raw_cond") if k in batch}}
+        if expert is not None:
+            out["expert"] = expert
+        return out
 
 
 class ConditionalGAN(RNGStateInCheckpoint, SimulatorEvaluation, SynchronisedManualOptimization, LightningModule):
@@ -77,6 +92,7 @@ class ConditionalGAN(RNGStateInCheckpoint, SimulatorEvaluation, SynchronisedManu
         lr_g, lr_d, lr_aux: Adam learning rates (betas 0.5, 0.999).
         data_space: ``log1p`` for ZDC images, ``linear`` for vector data.
         eval_seed: seed of the evaluation noise, so epochs are compared on the same draws.
+        compile_generator: generate under ``torch.compile`` (eager fallback, logged once).
     """
 
     def __init__(
@@ -94,6 +110,7 @@ class ConditionalGAN(RNGStateInCheckpoint, SimulatorEvaluation, SynchronisedManu
         lr_aux: float = 1e-4,
         data_space: Literal["log1p", "linear"] = "log1p",
         eval_seed: int = 1234,
+        compile_generator: bool = False,
     ) -> None:
         super().__init__()
         if diversity not in ("none", "uniform", "selective"):
@@ -103,6 +120,7 @@ class ConditionalGAN(RNGStateInCheckpoint, SimulatorEvaluation, SynchronisedManu
         self.save_hyperparameters(ignore=["generator", "discriminator", "aux_regressor"])
         self.automatic_optimization = False
         self.generator, self.discriminator, self.aux_regressor = generator, discriminator, aux_regressor
+        self._compiled: CompiledForInference | None = None
 
     def setup(self, stage: str) -> None:
         check_output_shape(self.generator, getattr(self.trainer, "datamodule", None))
@@ -180,7 +198,26 @@ class ConditionalGAN(RNGStateInCheckpoint, SimulatorEvaluation, SynchronisedManu
         and number of processes (so a 2-process ``rsgm test`` reproduces 1 process)."""
         return index_seeded_normal(batch["index"], self.generator.noise_dim, self.hparams.eval_seed).to(self.device)
 
+    def run_generator(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The generator for generation: compiled when ``compile_generator``, in eval mode
+        and without gradients; eager otherwise."""
+        if not self.hparams.get("compile_generator", False) or torch.is_grad_enabled() or self.generator.training:
+            return self.generator(z, cond)
+        if self._compiled is None:
+            self._compiled = CompiledForInference(self.generator, log=rank_zero_info)
+        if len(z) == 1:  # batch size 1 would be a second compilation; rows are independent in eval mode
+            return self._compiled(z.expand(2, -1), cond.expand(2, -1))[:1]
+        return self._compiled(z, cond)
+
+    @torch.inference_mode()
+    def simulate(self, cond: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, None]:
+        """Output-space (photon-count) responses for ``cond``; noise drawn from ``generator``."""
+        z = torch.randn(len(cond), self.generator.noise_dim, generator=generator).to(cond.device)
+        return self.to_output_space(self.run_generator(z, cond)), None
+
+    @torch.inference_mode()
     def generate(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        fake = self.generator(self.evaluation_noise(batch), batch["cond"])
-        return {"real": self.to_output_space(batch["x"]), "fake": self.to_output_space(fake),
-                "index": batch["index"], "batch": batch}
+        """Evaluation outputs on per-sample noise (``evaluation_noise``): every epoch, batch
+        size and number of processes compares the same draws."""
+        fake = self.to_output_space(self.run_generator(self.evaluation_noise(batch), batch["cond"]))
+        return {"real": self.to_output_space(batch["x"]), "fake": fake, "index": batch["index"], "batch": batch}
