@@ -105,7 +105,9 @@ def test_metrics_match_functions_and_drop_duplicate_indices():
     out = dist_metric.compute()
     assert out["fpd"] == pytest.approx(frechet_physics_distance(a, b, num_batches=3, num_points=3)[0])
     assert out["kpd"] == pytest.approx(kernel_physics_distance(a, b, batch_size=100)[0])
-    assert auc_metric.compute()["auc"] == pytest.approx(classifier_auc(a, b, epochs=2, hidden=16)["auc"])
+    # The metric keeps a real row and the generated row of the same condition (index) together.
+    expected = classifier_auc(a, b, epochs=2, hidden=16, groups=(index, index))["auc"]
+    assert auc_metric.compute()["auc"] == pytest.approx(expected)
 
 
 def _ddp_worker(rank, world, port, a, b, queue):
@@ -134,3 +136,34 @@ def test_physics_distances_exact_under_two_process_ddp():
     fpd, kpd = queue.get(timeout=5)
     assert fpd == pytest.approx(frechet_physics_distance(a, b, num_batches=3, num_points=3)[0], rel=1e-9)
     assert kpd == pytest.approx(kernel_physics_distance(a, b, batch_size=200)[0], rel=1e-9)
+
+
+def test_split_rows_keeps_each_group_in_one_part():
+    from rsgm.metrics.fidelity import _split_rows
+
+    group = torch.arange(100).repeat_interleave(torch.randint(1, 6, (100,), generator=torch.Generator().manual_seed(0)))
+    parts = _split_rows(group, (0.6, 0.2, 0.2), torch.Generator().manual_seed(1))
+    assert sorted(torch.cat(parts).tolist()) == list(range(len(group)))
+    sets = [set(group[p].tolist()) for p in parts]
+    assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+    assert abs(len(parts[0]) / len(group) - 0.6) < 0.05
+
+
+def test_grouped_split_removes_the_leak_of_repeated_conditions():
+    # One distribution; each "particle" repeated 8 times with a small spread around its own centre.
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(2, 150, 5, generator=g)
+    rows = centres.repeat_interleave(8, dim=1) + 0.05 * torch.randn(2, 1200, 5, generator=g)
+    ids = torch.arange(300).reshape(2, 150).repeat_interleave(8, dim=1)
+    leaky = classifier_auc(rows[0], rows[1], hidden=64, epochs=15, seed=0)
+    grouped = classifier_auc(rows[0], rows[1], hidden=64, epochs=15, seed=0, groups=(ids[0], ids[1]))
+    assert leaky["auc"] > 0.5 + 4 * leaky["auc_err"]  # memorised siblings: a false difference
+    assert abs(grouped["auc"] - 0.5) <= 3 * grouped["auc_err"] + 0.02
+
+
+def test_condition_ids_equal_for_equal_rows_only():
+    from rsgm.metrics.fidelity import condition_ids
+
+    cond = torch.tensor([[1.0, 2.0], [1.0, 2.0], [2.0, 1.0], [1.0, 2.5]])
+    ids = condition_ids(cond)
+    assert ids[0] == ids[1] and len(set(ids.tolist())) == 3

@@ -18,9 +18,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 
 from rsgm.callbacks.evaluation import SplitEvaluation
-from rsgm.metrics.fidelity import ClassifierAUC, PhysicsDistances, high_level_features
+from rsgm.metrics.fidelity import ClassifierAUC, PhysicsDistances, condition_ids, high_level_features
 from rsgm.metrics.wasserstein import ChannelWasserstein
 from rsgm.physics.channels import CHANNEL_NAMES, QUADRANTS, ChannelLayout
 from rsgm.utils.figures import plt, save_figure
@@ -106,8 +107,10 @@ class ChannelWassersteinCallback(SplitEvaluation):
         if split == "test" and self.fidelity_metrics:
             real, fake, index = outputs["real"], outputs["fake"], outputs["index"]
             masks = self.metrics[split].masks
-            self.fidelity_metrics["low"].update(real.float().log1p(), fake.float().log1p(), index)
-            high = (high_level_features(real, masks).float(), high_level_features(fake, masks).float(), index)
+            # Repeated particles stay on one side of the classifier's own split.
+            group = condition_ids(outputs["batch"]["cond"]) if "batch" in outputs else None
+            self.fidelity_metrics["low"].update(real.float().log1p(), fake.float().log1p(), index, group)
+            high = (high_level_features(real, masks).float(), high_level_features(fake, masks).float(), index, group)
             self.fidelity_metrics["high"].update(*high)
             self.fidelity_metrics["dist"].update(*high)
         if split not in self.grid:
@@ -130,7 +133,13 @@ class ChannelWassersteinCallback(SplitEvaluation):
         self.metrics[split].reset()
         self.grid.pop(split, None)
         if split == "test" and self.fidelity_metrics:
-            fidelity = self.fidelity_scalars()
+            try:
+                fidelity = self.fidelity_scalars()
+            except ValueError as err:  # e.g. a test split too small for the classifier's three-way split
+                rank_zero_warn(f"classifier AUC / FPD / KPD skipped: {err}")
+                fidelity = {}
+            for metric in self.fidelity_metrics.values():
+                metric.reset()
             pl_module.log_dict(fidelity, prog_bar=False)
             scalars.update(fidelity)
         scalars[f"{split}/quartile_edges"] = [float(e) for e in result["quartile_edges"]]
@@ -140,9 +149,7 @@ class ChannelWassersteinCallback(SplitEvaluation):
         out = {}
         for level in ("low", "high"):
             auc = self.fidelity_metrics[level].compute()
-            self.fidelity_metrics[level].reset()
             out.update({f"test/auc_{level}": auc["auc"], f"test/auc_{level}_err": auc["auc_err"],
                         f"test/auc_{level}_ece": auc["ece"], f"test/auc_{level}_brier": auc["brier"]})
         dist = self.fidelity_metrics["dist"].compute()
-        self.fidelity_metrics["dist"].reset()
         return {**out, **{f"test/{k}": v for k, v in dist.items()}}
