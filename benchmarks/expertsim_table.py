@@ -5,8 +5,9 @@ Every row is a base config from ``configs/`` plus its overlay (``ROWS``) run thr
 ``--budget-s`` seconds of training (``trainer.max_time``), then ``test`` on the whole test
 split. All rows share the data (same simulator seed and split), the compact generator
 (``--width``), the learning rates and the evaluation; only the model seed changes between
-repetitions. The table gives the mean channel W1 (and per intensity quartile) as
-mean ± std over seeds, the training steps each run managed, and for ExpertSim rows the
+repetitions. The table gives the mean channel W1 (and per intensity quartile), the
+classifier AUC on pixels and on high-level features (0.5 = indistinguishable), FPD and KPD
+(``rsgm.metrics.fidelity``) as mean ± std over seeds, the training steps each run managed, and for ExpertSim rows the
 smallest expert share and the experts' mean generated intensities (Table 5.5.1); each seed's line
 also gives the mean real intensity of the conditions routed to each expert.
 
@@ -42,6 +43,8 @@ ROWS = {
     "expertsim": ["expertsim.yaml"],
     **{f"expertsim_{p.stem}": ["expertsim.yaml", f"ablations/{p.name}"] for p in sorted((CONFIGS / "ablations").glob("*.yaml"))},
 }
+# Classifier AUC on pixels / high-level features, FPD and KPD (rsgm.metrics.fidelity), logged at test.
+FIDELITY = ("auc_low", "auc_high", "fpd", "kpd")
 DEFAULT_ROWS = ["zdc_gan", "zdc_sdigan", "zdc_sdigan_ir", "zdc_sdigan_ir_ar", "expertsim", "expertsim_no_ldiff",
                 "expertsim_no_lutil"]
 
@@ -67,7 +70,8 @@ def run_row(row: str, seed: int, args: argparse.Namespace, root: Path) -> dict:
     rsgm(["test", *common, "--ckpt_path", str(ckpt), *args.rsgm_args])
     test_dir = max((root / f"{row}-s{seed}").glob("test-*"))
     result = json.loads((test_dir / "test_channel_w1.json").read_text())
-    out = {"w1": result["test/w1_mean"], "q": [result[f"test/w1_q{q}"] for q in range(1, 5)], "steps": steps}
+    out = {"w1": result["test/w1_mean"], "q": [result[f"test/w1_q{q}"] for q in range(1, 5)], "steps": steps,
+           **{k: result[f"test/{k}"] for k in FIDELITY}}
     if expert:
         experts = json.loads((test_dir / "test_experts.json").read_text())
         out["min_share"] = min(e["share"] for e in experts)
@@ -119,7 +123,8 @@ def run_all(args: argparse.Namespace, root: Path) -> dict[str, list[dict]]:
         r = results[row][-1]
         experts = (f", min share {r['min_share']:.2f}, expert means {[round(m, 1) for m in r['means']]}"
                    f", real means of routed conditions {[round(m, 1) for m in r['real_means']]}") if "means" in r else ""
-        tqdm.write(f"[{row} seed {seed}] w1 {r['w1']:.3f}, batches {r['steps']}{experts}")
+        tqdm.write(f"[{row} seed {seed}] w1 {r['w1']:.3f}, AUC pixels {r['auc_low']:.3f}, AUC features "
+                   f"{r['auc_high']:.3f}, FPD {r['fpd']:.4f}, KPD {r['kpd']:.5f}, batches {r['steps']}{experts}")
     return results
 
 
@@ -127,12 +132,15 @@ def report(args: argparse.Namespace, results: dict[str, list[dict]], kept: Path 
 
     print(f"\nsynthetic ZDC neutron, {args.n_synthetic} samples, width {args.width}, {args.budget_s} s training per run, "
           f"seeds {args.seeds}")
-    header = f"{'model':<22} {'W1 mean':>14} {'Q1':>8} {'Q2':>8} {'Q3':>8} {'Q4':>8} {'batches':>7} {'min share':>9}  expert mean intensities"
+    header = (f"{'model':<22} {'W1 mean':>14} {'Q1':>8} {'Q2':>8} {'Q3':>8} {'Q4':>8} {'AUC pixels':>15} {'AUC features':>15} "
+              f"{'FPD':>17} {'KPD':>19} {'batches':>7} {'min share':>9}  expert mean intensities")
     print(header)
     print("-" * len(header))
     for row, rs in results.items():
         q = np.array([r["q"] for r in rs]).mean(0)
         line = (f"{row:<22} {fmt([r['w1'] for r in rs]):>14} " + " ".join(f"{v:>8.2f}" for v in q)
+                + f" {fmt([r['auc_low'] for r in rs], 3):>15} {fmt([r['auc_high'] for r in rs], 3):>15}"
+                + f" {fmt([r['fpd'] for r in rs], 4):>17} {fmt([r['kpd'] for r in rs], 5):>19}"
                 + f" {np.mean([r['steps'] for r in rs]):>7.0f}")
         if "means" in rs[0]:
             means = np.array([r["means"] for r in rs], dtype=float)

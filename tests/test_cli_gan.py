@@ -59,6 +59,9 @@ def test_fit_then_test_with_wandb_offline(tmp_path):
     test_run = [p for p in run_dirs(tmp_path) if p.name.startswith("test-")][0]
     result = json.loads((test_run / "test_channel_w1.json").read_text())
     assert result["test/w1_mean"] > 0 and len(result["test/quartile_edges"]) == 5
+    # CaloChallenge-style fidelity at test, with no config change.
+    assert all(0 <= result[f"test/auc_{level}"] <= 1 for level in ("low", "high"))
+    assert result["test/fpd"] >= 0 and result["test/fpd_err"] >= 0 and "test/kpd" in result
     assert {p.name.split("_epoch")[0] for p in test_run.glob("plots/*.png")} == {"test_channels", "test_samples"}
     (offline,) = (test_run / "wandb").glob("offline-run-*")
     test = read_offline_run(offline)

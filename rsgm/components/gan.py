@@ -108,14 +108,18 @@ class MLPGenerator(nn.Module):
     ``noise_gain=True`` scales z by a learned, condition-dependent positive gain
     ``exp(W c + b)`` before the MLP (log-parameterised, so the spread of a condition can
     change by orders of magnitude); it changes the architecture only, identically for every
-    regulariser.
+    regulariser. ``init_log_gain`` (with ``noise_gain``) starts the gain at ``exp(init_log_gain)``
+    for every condition (zero weights, that bias) instead of PyTorch's random initialisation.
     """
 
     def __init__(self, out_dim: int = 2, noise_dim: int = 8, cond_dim: int = 10, hidden: int = 128, depth: int = 3,
-                 noise_gain: bool = False) -> None:
+                 noise_gain: bool = False, init_log_gain: float | None = None) -> None:
         super().__init__()
         self.noise_dim, self.cond_dim = noise_dim, cond_dim
         self.log_gain = nn.Linear(cond_dim, noise_dim) if noise_gain else None
+        if self.log_gain is not None and init_log_gain is not None:
+            nn.init.zeros_(self.log_gain.weight)
+            nn.init.constant_(self.log_gain.bias, init_log_gain)
         layers: list[nn.Module] = []
         d = noise_dim + cond_dim
         for _ in range(depth):
