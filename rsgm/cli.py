@@ -29,6 +29,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 # argv, one-line help). A new subcommand is one line here; `rsgm --help` lists them all.
 EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("rsgm.serving.cli:main", "serve a B4B-defended encoder over HTTP"),
+    "fetch-images": ("rsgm.datamodules.laionmi_fetch:main", "fill the LAION-mi image cache from the published tables (resumable)"),
 }
 
 # Set by the first process of a run, so DDP worker processes that re-run the command line
