@@ -46,9 +46,9 @@ class StableDiffusionTarget(TextUNetTarget):
         dt = getattr(torch, self.dtype_name)
         try:
             self.alphas_cumprod = _alphas_cumprod_from_scheduler(folder)
-            self.unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True, torch_dtype=dt)
-            self.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True, torch_dtype=dt)
-            self.text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True, torch_dtype=dt)
+            self.unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True, use_safetensors=True, torch_dtype=dt)
+            self.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True, use_safetensors=True, torch_dtype=dt)
+            self.text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True, use_safetensors=True, torch_dtype=dt)
             self.tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
         except OSError as err:  # a component folder without its weights or config
             raise RSGMError(f"Stable Diffusion folder '{folder}' is incomplete ({str(err).splitlines()[0]}): put {SD14_HINT} there.") from err

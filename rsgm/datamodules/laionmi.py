@@ -89,18 +89,18 @@ class LaionMIMembership(MembershipDataModule):
         self.missing: dict[str, dict[str, int]] = {}
         self.eval_subsets: list[np.ndarray] | None = None
 
-    def _available(self, split: str, table: str) -> list[tuple[str, str]]:
-        df = read_table(table, split)
+    def _available(self, split: str, df) -> list[tuple[str, str]]:
         items = [(str(image_path(self.cache_dir, u)), c) for u, c in zip(df["url"], df["caption"])]
         have = [it for it in items if Path(it[0]).is_file()]
         self.missing[split] = {"rows": len(items), "cached": len(have), "missing": len(items) - len(have)}
         return have
 
     def pools(self):
+        tables = read_table(self.members_table, "members"), read_table(self.nonmembers_table, "nonmembers")
         if not self.cache_dir.is_dir():
             raise RSGMError(f"LAION-mi image cache '{self.cache_dir}' not found: {FETCH_HINT}.")
-        members = self._available("members", self.members_table)
-        nonmembers = self._available("nonmembers", self.nonmembers_table)
+        members = self._available("members", tables[0])
+        nonmembers = self._available("nonmembers", tables[1])
         for split, m in self.missing.items():
             print(f"LAION-mi {split}: {m['rows']} rows, {m['cached']} images cached, {m['missing']} missing")
         if not members or not nonmembers:

@@ -136,6 +136,7 @@ def classifier_scores(kind: str, Xtr, ytr, Xte, seed: int = 0, grids: dict | Non
     est = {"lr": LogisticRegression(max_iter=1000), "dtc": DecisionTreeClassifier(random_state=seed),
            "rfc": RandomForestClassifier(random_state=seed)}[kind]
     pipe = Pipeline([("scale", StandardScaler()), ("clf", est)])
+    cv = min(cv, int(np.bincount(np.asarray(ytr, dtype=int)).min()))  # tiny training sets: fewer folds
     search = GridSearchCV(pipe, (grids or GRIDS)[kind], cv=cv, scoring="roc_auc")
     return search.fit(Xtr, ytr).predict_proba(Xte)[:, 1]
 
