@@ -57,6 +57,7 @@ LIGHTNING_COMMANDS: dict[str, str] = {
 EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("rsgm.serving.cli:main", "serve a B4B-defended encoder over HTTP"),
     "convert-zdc": ("rsgm.physics.zdc_files:convert_main", "convert published ZDC pickles once to rsgm's HDF5 layout"),
+    "fetch-images": ("rsgm.datamodules.laionmi_fetch:main", "fill the LAION-mi image cache from the published tables (resumable)"),
 }
 
 # Set by the first process of a run, so DDP worker processes that re-run the command line
