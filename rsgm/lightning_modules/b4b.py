@@ -185,7 +185,6 @@ class B4BProtocol(LightningModule):
             kw = dict(self.defense_kwargs[name])
             kw.setdefault("n_proj", self.hparams.n_proj)
             kw.setdefault("n_bits", self.hparams.n_bits)
-            kw.setdefault("noise_seed", self.hparams.seed)
             self.defenses[name] = B4BDefense(dim, self._state_dir / f"{name}.sqlite", self.hparams.secret.encode(), **kw)
         return self.defenses[name]
 
@@ -417,7 +416,7 @@ class StealingModule(LightningModule):
               "noise": dict(noise="static", static_sigma=hp.static_sigma, transform="none"),
               "b4b": dict(noise="coverage", lam=hp.lam, alpha=hp.alpha, beta=hp.beta, transform=hp.transform)}[hp.defense]
         return B4BDefense(dim, state_dir / "state.sqlite", hp.secret.encode(), n_proj=hp.n_proj, n_bits=hp.n_bits,
-                          noise_seed=hp.seed, **kw)
+                          **kw)
 
     @torch.no_grad()
     def _query(self, defense: B4BDefense, user: str, x: torch.Tensor) -> torch.Tensor:
