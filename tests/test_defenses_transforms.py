@@ -74,7 +74,7 @@ def test_structured_map_is_orthogonal_and_mixes(d):
     q = StructuredOrthogonal(d, torch.Generator().manual_seed(0)).matrix()
     torch.testing.assert_close(q @ q.T, torch.eye(d, dtype=torch.float64), atol=1e-6, rtol=0)
     if d == 64:  # one Hadamard block: outputs mix most inputs and none dominates (a permutation would be 1)
-        assert (q.abs() > 1e-9).double().mean() > 0.7 and q.abs().max() < 0.5
+        assert (q.abs() > 1e-9).double().mean() > 0.7 and q.abs().max() <= 0.5 + 1e-9
 
 
 def test_defense_transform_cache_is_bounded_and_rederives_the_same_map(tmp_path):
