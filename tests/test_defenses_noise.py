@@ -45,7 +45,7 @@ def test_averaging_200_tiny_perturbations_gains_nothing(tmp_path):
     assert torch.allclose(noise, noise[0].expand_as(noise), atol=1e-4)  # one offset for the whole cell
 
 
-def test_fresh_noise_needs_new_buckets_and_each_hash_is_one_share(tmp_path):
+def test_fresh_noise_needs_a_new_cell_and_new_buckets_raise_coverage(tmp_path):
     d = _defense(tmp_path)
     g = torch.Generator().manual_seed(0)
     r = torch.randn(1, DIM, generator=g)
@@ -55,14 +55,15 @@ def test_fresh_noise_needs_new_buckets_and_each_hash_is_one_share(tmp_path):
     b = d.respond("eve", far)
     assert d.store.get("eve").occupied > before
     assert _cos(a.representation - r, b.representation - far).abs() < 0.5  # fresh noise
-    # noise is a sum of one term per hash: moving k of P buckets keeps (P - k) / P of it
+    # any bucket change gives independent noise; the noise does not reveal how many buckets moved
     kn = KeyedNoise(b"noise-test-secret-0123", 4096, rows=1 << 14)
     ids = torch.randint(0, 4096, (1, 20), generator=g)
     z0 = kn("eve", 5, ids)
-    for k in (1, 5, 10, 20):
+    assert torch.equal(z0, kn("eve", 5, ids.clone()))
+    for k in (1, 5, 20):
         moved = ids.clone()
         moved[0, :k] = (moved[0, :k] + 1) % 4096
-        assert _cos(z0, kn("eve", 5, moved)).item() == pytest.approx((20 - k) / 20, abs=0.06)
+        assert _cos(z0, kn("eve", 5, moved)).abs().item() < 0.1
     # a new coverage level, another user or another secret: independent noise
     assert _cos(z0, kn("eve", 6, ids)).abs().item() < 0.1
     assert _cos(z0, kn("bob", 5, ids)).abs().item() < 0.1
