@@ -7,6 +7,7 @@ from lightning.pytorch import Trainer
 from rsgm.callbacks.b4b_probe import LinearProbeCallback
 from rsgm.components.encoders import SmallConvEncoder, load_encoder_weights
 from rsgm.datamodules.b4b_testbed import B4BTestbedDataModule, build_testbed, shape_images, texture_images
+from rsgm.callbacks.b4b_report import B4BReportCallback
 from rsgm.lightning_modules.b4b import B4BEncoder, B4BProtocol, StealingModule
 
 TINY_DATA = dict(attack_queries=[300, 600], sybils=[2], sybil_overlap=200, n_shapes=300, n_textures=300, n_task=120, batch_size=100)
@@ -37,7 +38,7 @@ def test_b4b_encoder_predict_mixed_users_and_missing_weights(tmp_path, victim_we
     with pytest.raises(FileNotFoundError, match="b4b_victim_digits"):
         B4BEncoder(enc, str(tmp_path / "none.pt"))
     model = B4BEncoder(SmallConvEncoder(width=8, rep_dim=16), victim_weights, state_path=str(tmp_path / "s.sqlite"),
-                       secret_file=str(tmp_path / "secret.bin"), transform="affine+pad", n_proj=4, n_bits=6, noise_seed=0)
+                       secret_file=str(tmp_path / "secret.bin"), defense={"transform": "affine+pad", "n_proj": 4, "n_bits": 6})
     x = torch.rand(6, 1, 16, 16)
     out = model.predict_step({"x": x, "user_id": ["a", "b", "a", "b", "a", "a"]}, 0)["representation"]
     assert out.shape == (6, 20)
@@ -57,7 +58,7 @@ def test_protocol_table_and_stealing_module(tmp_path, victim_weights):
                         surrogate=SmallConvEncoder(width=4, rep_dim=8), epochs=1, n_proj=4, n_bits=8,
                         remap_grid=[8, 32, 64], remap_holdout=50)
     trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, inference_mode=False,
-                      enable_progress_bar=False, default_root_dir=tmp_path)
+                      enable_progress_bar=False, default_root_dir=tmp_path, callbacks=[B4BReportCallback()])
     trainer.test(model, datamodule=B4BTestbedDataModule(**TINY_DATA))
     table = pd.read_csv(tmp_path / "b4b_table.csv")
     assert list(table["user"]) == ["Legit", "Legit", "Attack", "Attack", "Sybil"]
@@ -73,7 +74,7 @@ def test_protocol_table_and_stealing_module(tmp_path, victim_weights):
     assert (tmp_path / "b4b_coverage_at_equal_queries.csv").is_file()
 
     steal = StealingModule(SmallConvEncoder(**enc), victim_weights, SmallConvEncoder(width=4, rep_dim=8), defense="b4b",
-                           transform="affine+pad", queries=600, n_sybils=2, overlap=200, n_proj=4, n_bits=8,
+                           defense_config={"transform": "affine+pad", "n_proj": 4, "n_bits": 8}, queries=600, n_sybils=2, overlap=200,
                            remap_grid=[8, 64], remap_holdout=50)
     dm = B4BTestbedDataModule(**{**TINY_DATA, "sybils": []})
     t2 = Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
@@ -82,3 +83,31 @@ def test_protocol_table_and_stealing_module(tmp_path, victim_weights):
     assert steal.surrogate.project[-1].out_features == 20  # resized to the padded answers
     assert {"probe/digits", "probe/shapes", "probe/textures"} <= set(t2.callback_metrics)
     assert [f["n_overlap"] for f in steal.remap_fidelity] == [8, 64]
+
+
+@pytest.mark.slow
+def test_stealing_over_http_against_a_live_server(tmp_path, victim_weights):
+    from serving_helpers import Server, write_config
+
+    path, _ = write_config(tmp_path, encoder_weights=victim_weights, api_keys={"k0": "mallory-0", "k1": "mallory-1"},
+                           defense={"noise": "coverage", "lam": 1e-3, "alpha": 10.0, "beta": 0.1, "transform": "affine",
+                                    "n_proj": 4, "n_bits": 8})
+    srv = Server(path)
+    try:
+        steal = StealingModule(None, None, SmallConvEncoder(width=4, rep_dim=8), queries=600, n_sybils=2, overlap=200,
+                               remap_grid=[8, 64], remap_holdout=50, endpoint=f"http://{srv.addr}", api_keys=["k0", "k1"],
+                               query_batch=64)
+        dm = B4BTestbedDataModule(**{**TINY_DATA, "sybils": []})
+        t = Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, default_root_dir=tmp_path / "steal", callbacks=[LinearProbeCallback()])
+        t.fit(steal, datamodule=dm)
+    finally:
+        srv.stop()
+    assert {"probe/digits", "probe/shapes", "probe/textures"} <= set(t.callback_metrics)
+    assert steal.surrogate.project[-1].out_features == 16 and len(steal._data) == 200 + 2 * 100  # shared + own
+    assert [f["n_overlap"] for f in steal.remap_fidelity] == [8, 64]
+    from rsgm.defenses.lsh import LSHCoverage
+    from rsgm.defenses.store import UserStateStore
+
+    store = UserStateStore(tmp_path / "state" / "s.sqlite", LSHCoverage(16, 4, 8))
+    assert store.get("mallory-0").n_queries == 300 and store.get("mallory-1").n_queries == 300  # charged server-side

@@ -65,3 +65,22 @@ def test_linear_probe_against_sklearn_and_surrogate_learns():
     before = F.mse_loss(model(x), targets).item()
     train_surrogate(model, x, targets, "mse", epochs=30, batch_size=64, lr=1e-2)
     assert F.mse_loss(model(x), targets).item() < 0.1 * before
+
+
+def test_remap_sybils_pools_into_account0_space_and_checks_arguments():
+    from rsgm.defenses.stealing import remap_sybils
+
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(120, 6, generator=g)
+    maps = [torch.randn(6, 6, generator=g) for _ in range(3)]
+    answers = [r @ m + i for i, m in enumerate(maps)]
+    pooled, fid = remap_sybils(answers, overlap=40, holdout=10, grid=[5, 30, 31], names=["a", "b", "c"])
+    assert pooled.shape == (120 + 80 + 80, 6)
+    torch.testing.assert_close(pooled[:120], answers[0])
+    torch.testing.assert_close(pooled[120:200], answers[0][40:], atol=1e-3, rtol=1e-3)
+    assert [(f["account"], f["n_overlap"]) for f in fid] == [("b", 5), ("b", 30), ("c", 5), ("c", 30)]
+    assert fid[1]["cosine_distance"] < 1e-6 < fid[0]["cosine_distance"]
+    single, none = remap_sybils(answers[:1], overlap=0)
+    assert torch.equal(single, answers[0]) and none == []
+    with pytest.raises(ValueError, match="overlap"):
+        remap_sybils(answers, overlap=40, holdout=40)

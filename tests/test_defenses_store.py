@@ -28,7 +28,7 @@ def _proc_worker(path, worker, n_steps):
 def test_state_persists_across_reopen(tmp_path):
     lsh = LSHCoverage(4, N_PROJ, N_BITS)
     store = UserStateStore(tmp_path / "s.sqlite", lsh)
-    st = store.record("alice", torch.tensor([[1, 2], [3, 2]]))
+    st = store.record("alice", torch.tensor([[1, 2], [3, 2]])).state
     assert st.n_queries == 2 and st.coverage == pytest.approx((2 + 1) / (2 * 1024))
     store.close()
     again = UserStateStore(tmp_path / "s.sqlite", LSHCoverage(4, N_PROJ, N_BITS))
@@ -72,7 +72,7 @@ def test_defense_pipeline_restart_keeps_coverage_and_transform(tmp_path):
     secret = load_or_create_secret(tmp_path / "secret.bin")
     assert load_or_create_secret(tmp_path / "secret.bin") == secret and len(secret) == 32
     r = torch.randn(300, 8, generator=torch.Generator().manual_seed(0))
-    kw = dict(dim=8, state_path=tmp_path / "s.sqlite", secret=secret, transform="affine", noise="static", static_sigma=0.0)
+    kw = dict(dim=8, state=tmp_path / "s.sqlite", secret=secret, transform="affine", noise="static", static_sigma=0.0)
     d1 = B4BDefense(**kw)
     a = d1.respond("alice", r)
     b = d1.respond("bob", r[:10])
@@ -86,8 +86,8 @@ def test_defense_pipeline_restart_keeps_coverage_and_transform(tmp_path):
 
 
 def test_defense_sigma_follows_cost_and_bad_input_changes_nothing(tmp_path):
-    d = B4BDefense(dim=8, state_path=tmp_path / "s.sqlite", secret=b"x" * 16, transform="none",
-                   lam=1e-6, alpha=1.0, beta=0.3, n_proj=4, n_bits=4, noise_seed=0)
+    d = B4BDefense(dim=8, state=tmp_path / "s.sqlite", secret=b"x" * 16, transform="none",
+                   lam=1e-6, alpha=1.0, beta=0.3, n_proj=4, n_bits=4)
     r = torch.randn(200, 8, generator=torch.Generator().manual_seed(0))
     resp = d.respond("eve", r)
     assert resp.sigma == pytest.approx(1e-6 * ((1 / 1e-6) ** (resp.coverage / 0.3) - 1))
@@ -98,3 +98,21 @@ def test_defense_sigma_follows_cost_and_bad_input_changes_nothing(tmp_path):
         with pytest.raises(ValueError):
             d.respond("eve", bad)
     assert d.store.get("eve") == before
+
+
+def test_failed_pricing_charges_nothing_and_small_beta_does_not_overflow(tmp_path):
+    store = UserStateStore(tmp_path / "s.sqlite", LSHCoverage(4, N_PROJ, N_BITS))
+    store.record("eve", batch_ids(0, 0))
+    before = store.get("eve")
+
+    def broken_price(coverage):
+        raise OverflowError("cost function blew up")
+
+    for price in (broken_price, lambda c: float("inf"), lambda c: float("nan"), lambda c: -1.0):
+        with pytest.raises((OverflowError, ValueError)):
+            store.record("eve", batch_ids(1, 0), price)
+        assert store.get("eve") == before  # rolled back: not charged
+    d = B4BDefense(dim=8, state=tmp_path / "t.sqlite", secret=b"x" * 16, transform="none",
+                   lam=1e-6, alpha=10.0, beta=1e-4, n_proj=4, n_bits=4)
+    resp = d.respond("eve", torch.randn(50, 8, generator=torch.Generator().manual_seed(0)))
+    assert resp.sigma == 1e30 and torch.isfinite(resp.representation).all()

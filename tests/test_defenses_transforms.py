@@ -65,3 +65,38 @@ def test_composition_dims_and_bad_spec():
         parse_transform_spec("affine+rotate")
     with pytest.raises(ValueError, match="expects"):
         make_user_transform("affine", 10, SECRET, "u")(torch.randn(3, 9))
+
+
+@pytest.mark.parametrize("d", [10, 64, 100])
+def test_structured_map_is_orthogonal_and_mixes(d):
+    from rsgm.defenses.transforms import StructuredOrthogonal
+
+    q = StructuredOrthogonal(d, torch.Generator().manual_seed(0)).matrix()
+    torch.testing.assert_close(q @ q.T, torch.eye(d, dtype=torch.float64), atol=1e-6, rtol=0)
+    if d == 64:  # one Hadamard block: outputs mix most inputs and none dominates (a permutation would be 1)
+        assert (q.abs() > 1e-9).double().mean() > 0.7 and q.abs().max() <= 0.5 + 1e-9
+
+
+def test_defense_transform_cache_is_bounded_and_rederives_the_same_map(tmp_path):
+    from rsgm.defenses.b4b import B4BDefense
+
+    d = B4BDefense(16, tmp_path / "s.sqlite", SECRET, transform="affine", noise="static", cache_size=3, n_proj=4, n_bits=6)
+    r = reps(8, 16)
+    first = d.transform_for("u0")(r)
+    for i in range(10):
+        d.transform_for(f"u{i}")
+    assert len(d._transforms) == 3 and "u0" not in d._transforms
+    torch.testing.assert_close(d.transform_for("u0")(r), first)  # evicted, re-derived from the secret
+
+
+def test_transforms_defeat_naive_sybil_pooling_but_not_remapping():
+    from rsgm.defenses.stealing import mean_cosine_distance, remap_sybils
+
+    r = reps(300, 32)
+    a = make_user_transform("affine", 32, SECRET, "sybil-0")(r)
+    b = make_user_transform("affine", 32, SECRET, "sybil-1")(r)
+    assert mean_cosine_distance(a, b) > 0.5  # pooling raw answers mixes two unrelated spaces
+    pooled, fid = remap_sybils([a, b], overlap=100, holdout=50, grid=[8, 50])
+    assert pooled.shape == (300 + 200, 32)
+    torch.testing.assert_close(pooled[300:], a[100:], atol=1e-3, rtol=1e-3)  # 100 shared queries undo it
+    assert fid[0]["cosine_distance"] > 10 * fid[1]["cosine_distance"]  # 8 shared queries do not

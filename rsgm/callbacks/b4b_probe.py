@@ -44,6 +44,7 @@ class LinearProbeCallback(Callback):
         line = ", ".join(f"{t} {a:.1f}" for t, a in acc.items())
         print(f"\nstolen encoder linear-probe accuracy (%): {line}")
         out = Path(trainer.log_dir or trainer.default_root_dir)
+        out.mkdir(parents=True, exist_ok=True)
         log_table(trainer, "probe_accuracy", [{"task": t, "accuracy": a} for t, a in acc.items()])
         (out / "probe_accuracy.csv").write_text("task,accuracy\n" + "".join(f"{t},{a:.3f}\n" for t, a in acc.items()))
         fid = getattr(pl_module, "remap_fidelity", [])

@@ -272,7 +272,7 @@ class B4BTestbedDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         if getattr(self, "_train_pairs", None) is None:
-            raise ValueError("fit with B4BTestbedDataModule needs rsgm.lightning_modules.b4b.StealingModule, which queries the API and registers the pairs")
+            raise ValueError("fit with B4BTestbedDataModule needs rsgm.lightning_modules.b4b_stealing.StealingModule, which queries the API and registers the pairs")
         return DataLoader(self._train_pairs, batch_size=self._train_batch, shuffle=True, drop_last=True)
 
     def test_dataloader(self) -> DataLoader:

@@ -1,4 +1,4 @@
-"""B4B cost function (thesis eq. 6.1) and the Gaussian noise it drives.
+"""B4B cost function (thesis eq. 6.1).
 
     sigma = f_{lam,alpha,beta}(C) = lam * ( exp( ln(alpha / lam) * C / beta ) - 1 ),   clipped at 0,
 
@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import math
 
-import torch
+# eq. 6.1 overflows for small beta; far below this cap the answer is pure noise anyway, and
+# float32 answers stay finite (sigma * N(0, 1) < 3.4e38).
+SIGMA_CAP = 1e30
+SIGMA_EXPONENT_CAP = 700.0  # math.exp overflows past ~709.8; lam * e^700 is far above the cap
 
 
 def b4b_sigma(coverage: float, lam: float = 1e-6, alpha: float = 1.0, beta: float = 0.8) -> float:
@@ -18,14 +21,7 @@ def b4b_sigma(coverage: float, lam: float = 1e-6, alpha: float = 1.0, beta: floa
         raise ValueError(f"b4b_sigma needs lam, alpha, beta > 0; got {lam}, {alpha}, {beta}")
     if not 0.0 <= coverage <= 1.0:
         raise ValueError(f"coverage must be a fraction in [0, 1], got {coverage}")
-    return max(0.0, lam * (math.exp(math.log(alpha / lam) * coverage / beta) - 1.0))
-
-
-def add_gaussian_noise(r: torch.Tensor, sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """r + sigma * N(0, I): isotropic noise on every coordinate of the representation."""
-    if sigma < 0 or not math.isfinite(sigma):
-        raise ValueError(f"noise sigma must be finite and >= 0, got {sigma}")
-    if sigma == 0:
-        return r.clone()
-    noise = torch.randn(r.shape, generator=generator, dtype=r.dtype, device="cpu").to(r.device)
-    return r + sigma * noise
+    exponent = math.log(alpha / lam) * coverage / beta
+    if exponent > SIGMA_EXPONENT_CAP:  # math.exp would overflow (small beta)
+        return SIGMA_CAP
+    return min(SIGMA_CAP, max(0.0, lam * (math.exp(exponent) - 1.0)))

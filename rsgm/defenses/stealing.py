@@ -62,6 +62,33 @@ def apply_remap(w: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     return src @ w[:-1] + w[-1]
 
 
+def remap_sybils(answers: list[torch.Tensor], overlap: int, holdout: int = 0, grid=(), names: list[str] | None = None
+                 ) -> tuple[torch.Tensor, list[dict]]:
+    """Pool sybil accounts' answers in account 0's space (thesis §6.4, Fig. 6.4.3).
+
+    ``answers[i]`` are account i's answers in query order; the first ``overlap`` queries are the
+    same for every account.  Account i > 0 is mapped by the least-squares affine fit on all
+    shared queries; the pooled targets are account 0's answers followed by each other account's
+    remapped answers to its own (non-shared) queries.  For every n in ``grid`` with
+    n <= overlap - holdout, a fit on the first n shared queries is scored on the last
+    ``holdout`` shared ones (mean cosine distance): the remapping-fidelity curve.
+    """
+    if not answers:
+        raise ValueError("remap_sybils needs at least one account's answers")
+    if len(answers) > 1 and (overlap < 1 or holdout >= overlap or any(len(a) < overlap for a in answers)):
+        raise ValueError(f"sybils need 0 <= holdout < overlap <= every account's query count; got overlap {overlap}, "
+                         f"holdout {holdout}, counts {[len(a) for a in answers]}")
+    names = names or [f"account-{i}" for i in range(len(answers))]
+    ref, ys, fid = answers[0], [answers[0]], []
+    for name, ans in zip(names[1:], answers[1:]):
+        for n in [n for n in grid if n <= overlap - holdout]:
+            w = fit_linear_remap(ans[:n], ref[:n])
+            fid.append(dict(account=name, n_overlap=n, cosine_distance=mean_cosine_distance(
+                apply_remap(w, ans[overlap - holdout:overlap]), ref[overlap - holdout:overlap])))
+        ys.append(apply_remap(fit_linear_remap(ans[:overlap], ref[:overlap]), ans[overlap:]))
+    return torch.cat(ys), fid
+
+
 def mean_cosine_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((1 - F.cosine_similarity(a.double(), b.double(), dim=1)).mean())
 

@@ -6,14 +6,19 @@ being stored, and nobody without the secret can recompute it from the id.
 
 Parameter distributions (the thesis leaves them open; these are rsgm's choices):
 
-* ``affine``:  r -> A r + b with A = Q diag(s), Q a Haar-random orthogonal matrix and
-  s_i ~ LogUniform[1/2, 2], so the condition number of A is at most 4 (a linear probe loses
-  nothing, yet every coordinate mixes all others); b_i ~ N(0, shift_std^2).
+* ``affine``:  r -> A r + b with A = Q diag(s), s_i ~ LogUniform[1/2, 2] (condition number of
+  A at most 4, so a linear probe loses nothing) and b_i ~ N(0, shift_std^2).  Q is a
+  *structured* random orthogonal map, Q = D3 P2 H D2 P1 H D1: D random signs, P random
+  permutations, H the normalised Walsh-Hadamard transform on the power-of-two blocks of d
+  (d = 2^a + 2^b + ...).  Two Hadamard rounds with permutations in between mix every output
+  coordinate with (nearly) all inputs.  Creating it draws O(d) numbers (no QR), it is stored in
+  O(d) memory and applied in O(d log d) per answer.
 * ``pad``:     append ceil(ratio * d) constants drawn from N(0, 1) (ratio 0.25).
 * ``add``:     insert ceil(ratio * d) constants from N(0, 1) at user-specific random positions.
 * ``shuffle``: a user-specific random permutation of the coordinates.
-* ``binary``:  bits [w_j . r > 0] for code_ratio * d Gaussian hyperplanes through the origin
-  (code_ratio 2, as in the authors' code); outputs are 0/1 floats.
+* ``binary``:  bits [q_j . r > 0] for code_ratio * d hyperplanes through the origin, the rows of
+  ceil(code_ratio) independent structured orthogonal maps (code_ratio 2, as in the authors'
+  code); outputs are 0/1 floats.
 
 Compositions are written with ``+`` and applied left to right, e.g. ``affine+pad+shuffle``.
 ``none`` is the identity.
@@ -37,6 +42,71 @@ def derive_seed(secret: bytes, user_id: str, purpose: str) -> int:
     return int.from_bytes(mac[:8], "little") >> 1
 
 
+def _blocks(d: int) -> list[int]:
+    """Power-of-two block sizes summing to d, largest first (d = 2^a + 2^b + ...)."""
+    return [1 << k for k in range(d.bit_length() - 1, -1, -1) if d >> k & 1]
+
+
+_HADAMARD: dict[int, torch.Tensor] = {}
+
+
+def _hadamard(m: int) -> torch.Tensor:
+    """Orthonormal Sylvester-Hadamard matrix of size m (a power of two <= 64), cached."""
+    h = _HADAMARD.get(m)
+    if h is None:
+        h = torch.ones(1, 1)
+        while h.shape[0] < m:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        h = _HADAMARD[m] = h / m ** 0.5
+    return h
+
+
+def _fwht(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal Walsh-Hadamard transform of the rows of x [n, m], m = 2^k.
+
+    H_m = H_a (x) H_b (x) ... with factors of at most 64, applied axis by axis as small matmuls
+    (2 n m (a + b + ...) flops instead of 2 n m^2)."""
+    n, m = x.shape
+    k = m.bit_length() - 1
+    sizes = [1 << min(6, k - i) for i in range(0, k, 6)] or [1]
+    y = x.reshape(n, *sizes)
+    for axis, f in enumerate(sizes, start=1):
+        if f > 1:
+            y = (y.movedim(axis, -1) @ _hadamard(f).to(x.device, x.dtype)).movedim(-1, axis)
+    return y.reshape(n, m)
+
+
+def fwht_blocks(x: torch.Tensor, blocks: list[int]) -> torch.Tensor:
+    """Orthonormal Walsh-Hadamard transform applied to each column block of x [n, d]."""
+    if len(blocks) == 1:
+        return _fwht(x)
+    outs, start = [], 0
+    for m in blocks:
+        outs.append(_fwht(x[:, start:start + m]))
+        start += m
+    return torch.cat(outs, dim=1)
+
+
+class StructuredOrthogonal:
+    """Q = D3 P2 H D2 P1 H D1 (see the module docstring): O(d) parameters, O(d log d) per row."""
+
+    def __init__(self, dim: int, generator: torch.Generator):
+        g = generator
+        self.dim, self.blocks = dim, _blocks(dim)
+        self.signs = (torch.randint(0, 2, (3, dim), generator=g) * 2 - 1).float()
+        self.perms = torch.stack([torch.randperm(dim, generator=g) for _ in range(2)]).int()
+
+    def __call__(self, r: torch.Tensor) -> torch.Tensor:
+        s, p = self.signs.to(r.device, r.dtype), self.perms.to(r.device).long()
+        y = fwht_blocks(r * s[0], self.blocks)
+        y = fwht_blocks(y[:, p[0]] * s[1], self.blocks)
+        return y[:, p[1]] * s[2]
+
+    def matrix(self) -> torch.Tensor:
+        """The dense d x d matrix (for tests and analysis; never needed to apply the map)."""
+        return self(torch.eye(self.dim, dtype=torch.float64)).T
+
+
 class UserTransform:
     """One per-user map; ``__call__`` takes [n, in_dim] and returns [n, out_dim]."""
 
@@ -45,10 +115,8 @@ class UserTransform:
         self.kind, self.in_dim = kind, in_dim
         g = generator
         if kind == "affine":
-            q, rr = torch.linalg.qr(torch.randn(in_dim, in_dim, generator=g, dtype=torch.float64))
-            q = q * torch.sign(torch.diagonal(rr))  # sign fix makes Q Haar distributed
-            scale = torch.exp(torch.empty(in_dim, dtype=torch.float64).uniform_(-math.log(2), math.log(2), generator=g))
-            self.matrix = (q * scale).float()  # A = Q diag(s)
+            self.q = StructuredOrthogonal(in_dim, g)
+            self.scale = torch.exp(torch.empty(in_dim, dtype=torch.float64).uniform_(-math.log(2), math.log(2), generator=g)).float()
             self.shift = (shift_std * torch.randn(in_dim, generator=g, dtype=torch.float64)).float()
             self.out_dim = in_dim
         elif kind in ("pad", "add"):
@@ -64,7 +132,7 @@ class UserTransform:
             self.out_dim = in_dim
         elif kind == "binary":
             self.out_dim = max(1, round(code_ratio * in_dim))
-            self.planes = torch.randn(in_dim, self.out_dim, generator=g, dtype=torch.float64).float()
+            self.maps = [StructuredOrthogonal(in_dim, g) for _ in range(math.ceil(self.out_dim / in_dim))]
         else:
             raise ValueError(f"unknown transform {kind!r}; use one of {TRANSFORM_KINDS} joined by '+', or 'none'")
 
@@ -73,7 +141,7 @@ class UserTransform:
             raise ValueError(f"transform {self.kind} expects [n, {self.in_dim}], got {tuple(r.shape)}")
         dev, dt = r.device, r.dtype
         if self.kind == "affine":
-            return r @ self.matrix.to(dev, dt).T + self.shift.to(dev, dt)
+            return self.q(r * self.scale.to(dev, dt)) + self.shift.to(dev, dt)
         if self.kind == "pad":
             return torch.cat([r, self.values.to(dev, dt).expand(r.shape[0], -1)], dim=1)
         if self.kind == "add":
@@ -83,7 +151,12 @@ class UserTransform:
             return out
         if self.kind == "shuffle":
             return r[:, self.perm.to(dev)]
-        return (r @ self.planes.to(dev, dt) > 0).to(dt)
+        return (torch.cat([q(r) for q in self.maps], dim=1)[:, :self.out_dim] > 0).to(dt)
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        """Dense A = Q diag(s) of an affine part (for tests and analysis)."""
+        return (self.q.matrix() * self.scale.double()).float()
 
 
 class ComposedTransform:
