@@ -219,13 +219,11 @@ def _block_lr(X: Tensor, y: Tensor, valid: Tensor, train: Tensor, C: float, max_
 def _curvature_cholesky(Xf: Tensor, s: Tensor, mu: Tensor, sc: Tensor, C: float, reg: Tensor) -> Tensor:
     """Cholesky factors (T, m, d+1, d+1) of the Hessians C * sum_i s_ji a_ji a_ji' + reg,
     a_ji = ((x_i - mu_j) / sc_j, 1), of m models sharing Xf (T, N, d); s: (T, m, N) holds
-    each model's weight x p (1 - p). The O(N m d^2) product is one float32 batched matmul
-    (it only sets the step direction; gradients and objectives stay float64)."""
+    each model's weight x p (1 - p). The O(N m d^2) product is one batched matmul."""
     T, N, d = Xf.shape
     m = s.shape[1]
-    Xs = Xf.float()
-    Z = torch.mul(s.transpose(1, 2).float().unsqueeze(-1), Xs.unsqueeze(2), out=torch.empty(T, N, m, d, device=Xf.device))
-    M2 = torch.bmm(Xs.transpose(1, 2), Z.view(T, N, m * d)).view(T, d, m, d).transpose(1, 2).double()
+    Z = torch.mul(s.transpose(1, 2).unsqueeze(-1), Xf.unsqueeze(2), out=torch.empty(T, N, m, d, dtype=Xf.dtype, device=Xf.device))
+    M2 = torch.bmm(Xf.transpose(1, 2), Z.view(T, N, m * d)).view(T, d, m, d).transpose(1, 2)
     m1 = torch.bmm(s, Xf)
     m0 = s.sum(-1)
     mm = mu.unsqueeze(-1) * m1.unsqueeze(-2)
@@ -234,10 +232,7 @@ def _curvature_cholesky(Xf: Tensor, s: Tensor, mu: Tensor, sc: Tensor, C: float,
     H = torch.empty(T, m, d + 1, d + 1, dtype=torch.float64, device=Xf.device)
     H[..., :d, :d], H[..., :d, d], H[..., d, :d], H[..., d, d] = Hc, g1, g1, m0
     H = C * H + reg
-    L, info = torch.linalg.cholesky_ex(H)
-    if bool((info > 0).any()):  # float32 round-off on a nearly singular block: a tiny ridge
-        L = torch.linalg.cholesky(H + 1e-8 * torch.eye(d + 1, dtype=H.dtype, device=H.device))
-    return L
+    return torch.linalg.cholesky(H)
 
 
 # --------------------------------------------------------------------------- resampling
@@ -297,6 +292,10 @@ def _sequential(k: int) -> Procedure:
 def _crossfit_stratified(k: int) -> Procedure:
     return Procedure("crossfit_stratified", k, _crossfit(k).train, _crossfit(k).score, per_fold_welch=True,
                      description=f"{k}-fold cross-fitting, per-fold Welch z-scores combined (Stouffer)")
+
+
+PROCEDURES = ("split", "crossfit", "sequential", "crossfit_stratified")
+DEFAULT_PROCEDURE = "split"
 
 
 def make_procedure(name: str, k: int = 5) -> Procedure:
@@ -435,21 +434,88 @@ def batched_cdi(members: Tensor, nonmembers: Tensor, draw: TrialDraw, k: int = 5
     return {key: torch.cat(val) for key, val in out.items()}
 
 
-def loop_cdi(members, nonmembers, draw: TrialDraw, k: int = 5, C: float = 1.0, tol: float = 1e-4) -> np.ndarray:
-    """The straightforward reference: one sklearn pipeline per trial and fold, scipy Welch test."""
+def loop_cdi(members, nonmembers, draw: TrialDraw, k: int = 5, C: float = 1.0, tol: float = 1e-4,
+             procedure: str | Procedure = "crossfit") -> np.ndarray:
+    """The straightforward reference: one sklearn pipeline per trial and model, scipy Welch test."""
+    proc = procedure if isinstance(procedure, Procedure) else make_procedure(procedure, k)
     F = np.concatenate([np.asarray(members), np.asarray(nonmembers)]).astype(np.float64)
     ps = []
     for i in range(draw.idx_p.shape[0]):
         FP, FU = F[draw.idx_p[i].numpy()], F[draw.idx_u[i].numpy()]
         fp, fu = draw.fold_p[i].numpy(), draw.fold_u[i].numpy()
-        sP, sU = np.empty(len(FP)), np.empty(len(FU))
-        for j in range(k):
-            X = np.concatenate([FP[fp != j], FU[fu != j]])
-            y = np.r_[np.ones((fp != j).sum()), np.zeros((fu != j).sum())]
-            scores = sklearn_fit_score(X, y, np.concatenate([FP[fp == j], FU[fu == j]]), C=C, tol=tol)
-            sP[fp == j], sU[fu == j] = scores[: (fp == j).sum()], scores[(fp == j).sum():]
-        ps.append(sps.ttest_ind(sP, sU, equal_var=False, alternative="greater").pvalue)
+        sP, sU = np.full(len(FP), np.nan), np.full(len(FU), np.nan)
+        for j, fs in enumerate(proc.train):
+            trp, tru = np.isin(fp, fs), np.isin(fu, fs)
+            tep, teu = np.isin(fp, [f for f, mj in enumerate(proc.score) if mj == j]), np.isin(fu, [f for f, mj in enumerate(proc.score) if mj == j])
+            X = np.concatenate([FP[trp], FU[tru]])
+            y = np.r_[np.ones(trp.sum()), np.zeros(tru.sum())]
+            scores = sklearn_fit_score(X, y, np.concatenate([FP[tep], FU[teu]]), C=C, tol=tol)
+            sP[tep], sU[teu] = scores[: tep.sum()], scores[tep.sum():]
+        if proc.per_fold_welch:
+            z = [sps.norm.isf(sps.ttest_ind(sP[fp == f], sU[fu == f], equal_var=False, alternative="greater").pvalue)
+                 for f in range(proc.folds) if proc.score[f] >= 0]
+            ps.append(sps.norm.sf(np.sum(z) / np.sqrt(len(z))))
+        else:
+            ps.append(sps.ttest_ind(sP[~np.isnan(sP)], sU[~np.isnan(sU)], equal_var=False, alternative="greater").pvalue)
     return np.asarray(ps)
+
+
+def permutation_test(FP: Tensor, FU: Tensor, permutations: int = 1000, procedure: str | Procedure = "crossfit", k: int = 5,
+                     C: float = 1.0, seed: int = 0, device: str | torch.device = "cpu", progress: bool = False) -> dict:
+    """Exact permutation p-value of the CDI statistic for one (P, U) case.
+
+    The statistic (the procedure's Welch t, or Stouffer z) is recomputed, folds and scoring
+    models included, on ``permutations`` random relabelings of P u U that keep |P|; then
+    p = (1 + #{t_b >= t_obs}) / (1 + B). Under H0 (P and U from one distribution) the labels
+    are exchangeable, so P(p <= a) <= a exactly, for any B; the smallest reachable p is
+    1 / (1 + B). All relabelings are solved as one batch of trials (:func:`batched_cdi`).
+    """
+    proc = procedure if isinstance(procedure, Procedure) else make_procedure(procedure, k)
+    FP, FU = torch.as_tensor(FP).double(), torch.as_tensor(FU).double()
+    n_p, n_u = len(FP), len(FU)
+    n = n_p + n_u
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.cat([torch.arange(n).unsqueeze(0), torch.rand(permutations, n, generator=g).argsort(-1)])
+    fold_p = torch.rand(permutations + 1, n_p, generator=g).argsort(-1) % proc.folds
+    fold_u = torch.rand(permutations + 1, n_u, generator=g).argsort(-1) % proc.folds
+    draw = TrialDraw(labels[:, :n_p], labels[:, n_p:], fold_p, fold_u)
+    res = batched_cdi(torch.cat([FP, FU]), FP[:0], draw, proc.folds, C, progress=progress, device=device, procedure=proc)
+    t = res["t"]
+    exceed = int((t[1:] >= t[0]).sum())
+    return {"p": (1 + exceed) / (1 + permutations), "t": float(t[0]), "p_parametric": float(res["p"][0]), "permutations": permutations}
+
+
+def audit_test(FP: Tensor, FU: Tensor, procedure: str = DEFAULT_PROCEDURE, k: int = 5, C: float = 1.0, seed: int = 0,
+               permutations: int = 0, device: str | torch.device = "cpu") -> dict:
+    """One data owner's case: the procedure's p-value for P vs U (random balanced folds from
+    ``seed``) and, with ``permutations`` > 0, the exact permutation p-value as well."""
+    proc = make_procedure(procedure, k)
+    FP, FU = torch.as_tensor(FP).double(), torch.as_tensor(FU).double()
+    g = torch.Generator().manual_seed(seed)
+    draw = TrialDraw(torch.arange(len(FP)).unsqueeze(0), (len(FP) + torch.arange(len(FU))).unsqueeze(0),
+                     (torch.randperm(len(FP), generator=g) % proc.folds).unsqueeze(0), (torch.randperm(len(FU), generator=g) % proc.folds).unsqueeze(0))
+    res = batched_cdi(torch.cat([FP, FU]), FP[:0], draw, k, C, device=device, procedure=proc)
+    out = {"procedure": proc.name, "p": float(res["p"][0]), "t": float(res["t"][0])}
+    if permutations:
+        out["p_permutation"] = permutation_test(FP, FU, permutations, proc, k, C, seed + 1, device)["p"]
+    return out
+
+
+def binomial_upper(trials: int, alpha: float, level: float = 0.95) -> int:
+    """Largest number of false positives out of ``trials`` null runs that is still inside the
+    two-sided ``level`` binomial interval of a test with size ``alpha``."""
+    return int(sps.binom.ppf(1 - (1 - level) / 2, trials, alpha))
+
+
+def null_check(p_null: Tensor, alpha: float, level: float = 0.95) -> dict:
+    """False-positive rate of null p-values at ``alpha`` and whether it lies at most at alpha
+    within the binomial ``level`` interval (the calibration every audit reports)."""
+    trials = int(p_null.numel())
+    fp = int((p_null < alpha).sum())
+    upper = binomial_upper(trials, alpha, level)
+    return {"alpha": alpha, "trials": trials, "false_positives": fp, "false_positive_rate": fp / trials,
+            "upper_allowed": upper, "passed": fp <= upper,
+            "ks_pvalue": float(sps.kstest(p_null.double().numpy(), "uniform").pvalue)}
 
 
 # --------------------------------------------------------------------------- experiments
@@ -473,22 +539,28 @@ def summarize_pvalues(p: Tensor, n_boot: int = 1000, seed: int = 0) -> dict[str,
 
 def pvalue_curve(members: Tensor, nonmembers: Tensor, sizes: list[int], trials: int = 1000, k: int = 5,
                  u_ratio: float = 1.0, contamination: float = 0.0, C: float = 1.0, seed: int = 0,
-                 alpha: float = 0.01, progress: bool = True, device: str = "cpu") -> list[dict]:
+                 alpha: float = 0.01, progress: bool = True, device: str = "cpu", procedure: str = DEFAULT_PROCEDURE) -> list[dict]:
     """Mean CDI p-value per suspect-set size |P| (|U| = round(u_ratio |P|)), each over
     ``trials`` fresh random subsets; sizes that the pools cannot supply are skipped."""
+    proc = make_procedure(procedure, k)
     rows = []
     for n_p in tqdm(sizes, disable=not progress, desc="p-value vs |P|"):
-        n_u = max(k, int(round(u_ratio * n_p)))
+        n_u = max(proc.folds, int(round(u_ratio * n_p)))
         n_bad = int(round(contamination * n_p))
-        if n_p - n_bad > len(members) or n_u + n_bad > len(nonmembers) or n_p < k:
+        if n_p - n_bad > len(members) or n_u + n_bad > len(nonmembers) or n_p < max(proc.folds, 4):
             continue
-        draw = draw_trials(len(members), len(nonmembers), n_p, n_u, trials, k, contamination, seed + n_p)
-        res = batched_cdi(members, nonmembers, draw, k, C, device=device)
-        power = ttest_power(res["cohen_d"], n_p, n_u, alpha)
+        draw = draw_trials(len(members), len(nonmembers), n_p, n_u, trials, proc.folds, contamination, seed + n_p)
+        res = batched_cdi(members, nonmembers, draw, k, C, device=device, procedure=proc)
+        n_sp, n_su = _scored_sizes(res)
+        power = ttest_power(res["cohen_d"], n_sp, n_su, alpha)
         rows.append({"n_p": n_p, "n_u": n_u, "contamination": contamination, **summarize_pvalues(res["p"]),
                      "reject_rate": float((res["p"] < alpha).double().mean()),
                      "power_tpr": float(power.mean()), "p_values": res["p"]})
     return rows
+
+
+def _scored_sizes(res: dict) -> tuple[int, int]:
+    return int((~torch.isnan(res["sP"][0])).sum()), int((~torch.isnan(res["sU"][0])).sum())
 
 
 def min_suspect_size(curve: list[dict], alpha: float = 0.01) -> int | None:
@@ -513,13 +585,16 @@ def default_size_grid(max_size: int) -> list[int]:
 
 
 def null_experiment(nonmembers: Tensor, n_p: int, trials: int = 1000, k: int = 5, alpha: float = 0.01,
-                    C: float = 1.0, seed: int = 0, device: str = "cpu") -> dict:
+                    C: float = 1.0, seed: int = 0, device: str = "cpu", procedure: str = DEFAULT_PROCEDURE,
+                    n_u: int | None = None, progress: bool = False) -> dict:
     """False-positive check: P and U both drawn (disjointly) from non-members. The rejection
-    rate at ``alpha`` must stay near ``alpha``."""
+    rate at ``alpha`` must stay at most alpha within its binomial interval (:func:`null_check`)."""
+    proc = make_procedure(procedure, k)
     empty = torch.zeros(0, nonmembers.shape[1], dtype=torch.float64)
-    draw = draw_trials(0, len(nonmembers), n_p, n_p, trials, k, contamination=1.0, seed=seed)
-    res = batched_cdi(empty, nonmembers, draw, k, C, device=device)
-    return {"n_p": n_p, "trials": trials, **summarize_pvalues(res["p"]),
+    n_u = n_p if n_u is None else n_u
+    draw = draw_trials(0, len(nonmembers), n_p, n_u, trials, proc.folds, contamination=1.0, seed=seed)
+    res = batched_cdi(empty, nonmembers, draw, k, C, device=device, procedure=proc, progress=progress)
+    return {"n_p": n_p, "n_u": n_u, "trials": trials, **summarize_pvalues(res["p"]),
             "false_positive_rate": float((res["p"] < alpha).double().mean()), "p_values": res["p"]}
 
 
