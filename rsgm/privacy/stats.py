@@ -262,8 +262,8 @@ class Procedure:
     scored, and how the scores become a p-value.
 
     ``folds``: number of folds per set; ``train[j]``: folds that fit model j; ``score[f]``:
-    model that scores fold f (-1: fold only used for fitting). ``per_fold_welch``: combine
-    per-fold Welch z-scores (Stouffer) instead of one Welch test on all scored rows."""
+    model that scores fold f (-1: fold only used for fitting). ``per_fold_welch``: the
+    fold-stratified Welch test of :func:`_statistic` instead of one Welch test on all scored rows."""
 
     name: str
     folds: int
@@ -271,6 +271,11 @@ class Procedure:
     score: tuple[int, ...]
     per_fold_welch: bool = False
     description: str = ""
+
+    @property
+    def min_set_size(self) -> int:
+        """Smallest |P| (and |U|) the procedure is defined for: two scored rows per fold and set."""
+        return 2 * self.folds if self.per_fold_welch else max(self.folds, 4)
 
 
 def _crossfit(k: int) -> Procedure:
@@ -291,16 +296,22 @@ def _sequential(k: int) -> Procedure:
 
 def _crossfit_stratified(k: int) -> Procedure:
     return Procedure("crossfit_stratified", k, _crossfit(k).train, _crossfit(k).score, per_fold_welch=True,
-                     description=f"{k}-fold cross-fitting, per-fold Welch z-scores combined (Stouffer)")
+                     description=f"{k}-fold cross-fitting, fold-stratified Welch test")
 
 
-PROCEDURES = ("split", "crossfit", "sequential", "crossfit_stratified")
-DEFAULT_PROCEDURE = "split"
+PROCEDURES = ("split", "crossfit", "sequential", "sequential_stratified", "crossfit_stratified")
+DEFAULT_PROCEDURE = "sequential_stratified"
+
+
+def _sequential_stratified(k: int) -> Procedure:
+    seq = _sequential(k)
+    return Procedure("sequential_stratified", k, seq.train, seq.score, per_fold_welch=True,
+                     description=f"forward-chained {k} folds (fold f scored by a model fitted on folds < f), fold-stratified Welch test")
 
 
 def make_procedure(name: str, k: int = 5) -> Procedure:
     table = {"crossfit": lambda: _crossfit(k), "split": _split, "sequential": lambda: _sequential(k),
-             "crossfit_stratified": lambda: _crossfit_stratified(k)}
+             "crossfit_stratified": lambda: _crossfit_stratified(k), "sequential_stratified": lambda: _sequential_stratified(k)}
     if name not in table:
         raise RSGMError(f"unknown CDI procedure '{name}'; choose one of {sorted(table)}.")
     return table[name]()
@@ -382,22 +393,33 @@ def t_sf(t: Tensor, df: Tensor) -> Tensor:
 
 
 def _statistic(scores: Tensor, fold: Tensor, n_p: int, proc: Procedure) -> tuple[Tensor, Tensor]:
-    """(t, p) per trial: one Welch test, or per-fold Welch z-scores combined by Stouffer."""
+    """(t, p) per trial: one Welch test over all scored rows, or (``per_fold_welch``) the
+    fold-stratified Welch test: each scored fold's mean difference in units of that fold's
+    score scale, D_f = (mean_P,f - mean_U,f) / s_f, summed, over the square root of the
+    summed Welch variances V_f = (var_P,f / n_P,f + var_U,f / n_U,f) / s_f^2, with the
+    Welch-Satterthwaite df pooled over folds. Folds scored by different models thus
+    enter on one scale, and the df stay large when each fold is small."""
     sP, sU = scores[:, :n_p], scores[:, n_p:]
     if not proc.per_fold_welch:
         t, df = _masked_welch(sP, sU)
         return t, t_sf(t, df)
     fp, fu = fold[:, :n_p], fold[:, n_p:]
-    zs = []
+    num = torch.zeros(len(scores), dtype=torch.float64)
+    var = torch.zeros_like(num)
+    dfden = torch.zeros_like(num)
     for f in range(proc.folds):
         if proc.score[f] < 0:
             continue
-        a = torch.where(fp == f, sP, torch.full_like(sP, float("nan")))
-        b = torch.where(fu == f, sU, torch.full_like(sU, float("nan")))
-        t, df = _masked_welch(a, b)
-        zs.append(torch.from_numpy(sps.norm.isf(t_sf(t, df).numpy())))
-    z = torch.stack(zs).sum(0) / math.sqrt(len(zs))
-    return z, torch.from_numpy(sps.norm.sf(z.numpy()))
+        a = sP[fp == f].view(len(sP), -1)  # balanced folds: equal counts in every trial
+        b = sU[fu == f].view(len(sU), -1)
+        scale2 = torch.cat([a, b], 1).var(-1)
+        na, nb = a.shape[-1], b.shape[-1]
+        va, vb = a.var(-1) / na / scale2, b.var(-1) / nb / scale2
+        num += (a.mean(-1) - b.mean(-1)) / scale2.sqrt()
+        var += va + vb
+        dfden += va**2 / (na - 1) + vb**2 / (nb - 1)
+    t = num / var.sqrt()
+    return t, t_sf(t, var**2 / dfden)
 
 
 def batched_cdi(members: Tensor, nonmembers: Tensor, draw: TrialDraw, k: int = 5, C: float = 1.0,
@@ -451,10 +473,18 @@ def loop_cdi(members, nonmembers, draw: TrialDraw, k: int = 5, C: float = 1.0, t
             y = np.r_[np.ones(trp.sum()), np.zeros(tru.sum())]
             scores = sklearn_fit_score(X, y, np.concatenate([FP[tep], FU[teu]]), C=C, tol=tol)
             sP[tep], sU[teu] = scores[: tep.sum()], scores[tep.sum():]
-        if proc.per_fold_welch:
-            z = [sps.norm.isf(sps.ttest_ind(sP[fp == f], sU[fu == f], equal_var=False, alternative="greater").pvalue)
-                 for f in range(proc.folds) if proc.score[f] >= 0]
-            ps.append(sps.norm.sf(np.sum(z) / np.sqrt(len(z))))
+        if proc.per_fold_welch:  # fold-stratified Welch, written out per fold with numpy
+            num = var = dfden = 0.0
+            for f in range(proc.folds):
+                if proc.score[f] < 0:
+                    continue
+                a, b = sP[fp == f], sU[fu == f]
+                s2 = np.var(np.r_[a, b], ddof=1)
+                va, vb = np.var(a, ddof=1) / len(a) / s2, np.var(b, ddof=1) / len(b) / s2
+                num += (a.mean() - b.mean()) / np.sqrt(s2)
+                var += va + vb
+                dfden += va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)
+            ps.append(sps.t.sf(num / np.sqrt(var), var**2 / dfden))
         else:
             ps.append(sps.ttest_ind(sP[~np.isnan(sP)], sU[~np.isnan(sU)], equal_var=False, alternative="greater").pvalue)
     return np.asarray(ps)
@@ -464,7 +494,7 @@ def permutation_test(FP: Tensor, FU: Tensor, permutations: int = 1000, procedure
                      C: float = 1.0, seed: int = 0, device: str | torch.device = "cpu", progress: bool = False) -> dict:
     """Exact permutation p-value of the CDI statistic for one (P, U) case.
 
-    The statistic (the procedure's Welch t, or Stouffer z) is recomputed, folds and scoring
+    The statistic (the procedure's Welch t) is recomputed, folds and scoring
     models included, on ``permutations`` random relabelings of P u U that keep |P|; then
     p = (1 + #{t_b >= t_obs}) / (1 + B). Under H0 (P and U from one distribution) the labels
     are exchangeable, so P(p <= a) <= a exactly, for any B; the smallest reachable p is
@@ -491,6 +521,8 @@ def audit_test(FP: Tensor, FU: Tensor, procedure: str = DEFAULT_PROCEDURE, k: in
     ``seed``) and, with ``permutations`` > 0, the exact permutation p-value as well."""
     proc = make_procedure(procedure, k)
     FP, FU = torch.as_tensor(FP).double(), torch.as_tensor(FU).double()
+    if min(len(FP), len(FU)) < proc.min_set_size:
+        raise RSGMError(f"CDI procedure '{proc.name}' needs at least {proc.min_set_size} samples in P and in U, got {len(FP)} and {len(FU)}; add samples or pick another procedure.")
     g = torch.Generator().manual_seed(seed)
     draw = TrialDraw(torch.arange(len(FP)).unsqueeze(0), (len(FP) + torch.arange(len(FU))).unsqueeze(0),
                      (torch.randperm(len(FP), generator=g) % proc.folds).unsqueeze(0), (torch.randperm(len(FU), generator=g) % proc.folds).unsqueeze(0))
@@ -547,7 +579,7 @@ def pvalue_curve(members: Tensor, nonmembers: Tensor, sizes: list[int], trials: 
     for n_p in tqdm(sizes, disable=not progress, desc="p-value vs |P|"):
         n_u = max(proc.folds, int(round(u_ratio * n_p)))
         n_bad = int(round(contamination * n_p))
-        if n_p - n_bad > len(members) or n_u + n_bad > len(nonmembers) or n_p < max(proc.folds, 4):
+        if n_p - n_bad > len(members) or n_u + n_bad > len(nonmembers) or min(n_p, n_u) < proc.min_set_size:
             continue
         draw = draw_trials(len(members), len(nonmembers), n_p, n_u, trials, proc.folds, contamination, seed + n_p)
         res = batched_cdi(members, nonmembers, draw, k, C, device=device, procedure=proc)
