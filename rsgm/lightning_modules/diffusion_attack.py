@@ -74,7 +74,10 @@ class DiffusionAttack(LightningModule):
         target: the audited model behind the adapter protocol (null with ``features_cache``).
         features: feature groups to extract, from dl, secmi, pia, pian, gm, ml, no.
         feature_options: overrides of :class:`FeatureConfig` fields (timesteps, draws, p, ...).
-        features_cache: a saved ``features.safetensors``; skips the model entirely.
+        features_cache: a ``features.safetensors``. If the file exists, the model is never
+            touched (not even loaded) and the saved features are used; if it does not and a
+            target is given, the features are extracted and also written there, so the next
+            run with the same command reuses them.
     """
 
     def __init__(self, target: DiffusionTarget | None = None,
@@ -84,7 +87,9 @@ class DiffusionAttack(LightningModule):
         self.save_hyperparameters(ignore=["target"])
         self.cfg = FeatureConfig(**({"features": features} if features else {}), **(feature_options or {}))
         self.extractor = DiffusionFeatureExtractor(self.cfg)
-        self.cache = load_features_cache(features_cache) if features_cache else None
+        if features_cache and target is None and not Path(features_cache).is_file():
+            load_features_cache(features_cache)  # the one-line "not found" error
+        self.cache = load_features_cache(features_cache) if features_cache and Path(features_cache).is_file() else None
         if self.cache is None and target is None:
             raise ValueError("DiffusionAttack needs a target model (model.target) or a saved feature file (model.features_cache).")
         self.target = target
@@ -122,4 +127,6 @@ class DiffusionAttack(LightningModule):
             if self.trainer.is_global_zero:
                 folder.mkdir(parents=True, exist_ok=True)
                 save_features_cache(folder / "features.safetensors", self.results, vars(self.cfg))
+                if self.hparams.features_cache:
+                    save_features_cache(self.hparams.features_cache, self.results, vars(self.cfg))
         self.results["access"] = self.access
