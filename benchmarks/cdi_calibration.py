@@ -43,6 +43,9 @@ def main() -> None:
     ap.add_argument("--singles", action="store_true", help="also every single feature (null table only)")
     ap.add_argument("--sets", nargs="+", default=None, help="restrict to these feature sets")
     ap.add_argument("--no_power", action="store_true")
+    ap.add_argument("--mia", action="store_true", help="per-feature AUC (score = -feature) and the best single MIA")
+    ap.add_argument("--ablation", action="store_true", help="min |P| (mean p < 0.01) per feature set, as the callback's ablation")
+    ap.add_argument("--ablation_trials", type=int, default=200)
     ap.add_argument("--seed", type=int, default=12345, help="a seed no test uses")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
@@ -53,8 +56,24 @@ def main() -> None:
     members, nonmembers = F[y], F[~y]
     sets = feature_sets(data["names"], args.singles)
     if args.sets:
-        sets = {k: v for k, v in sets.items() if k in args.sets}
+        sets = {k: v for k, v in sets.items() if k in args.sets or (args.singles and len(v) == 1)}
     N = len(nonmembers)
+    if args.mia:
+        from rsgm.metrics.membership import membership_auc
+
+        aucs = sorted(((float(membership_auc(-F[:, j], y)), n) for j, n in enumerate(data["names"])), reverse=True)
+        print("per-feature AUC (score = -feature): " + ", ".join(f"{n} {a:.3f}" for a, n in aucs))
+        print(f"best single MIA: {aucs[0][1]} AUC {aucs[0][0]:.3f}", flush=True)
+    if args.ablation:
+        from rsgm.callbacks.dataset_inference import DatasetInference
+
+        cb = DatasetInference(ablation_trials=args.ablation_trials, procedure=args.procedures[0], seed=args.seed, device=args.device)
+        access = [ACCESS[feature_group(n)] for n in data["names"]]
+        sizes = [n for n in S.default_size_grid(min(len(members), N)) if n >= 10]
+        print(f"feature-set ablation ({args.procedures[0]}, {args.ablation_trials} trials per size): min |P| with mean p < 0.01")
+        for row in cb._ablation(list(data["names"]), members, nonmembers, sizes, [j for j, a in enumerate(access) if a == "gray"]):
+            tail = "" if row["min_P"] else f" (not reached; mean p {row['mean_p_at_largest']:.3g} at |P| = {row['largest_P_tried']})"
+            print(f"  {row['features']:<22}{row['n_features']:>4} features  min |P| = {row['min_P']}{tail}", flush=True)
     print(f"{len(members)} members, {N} non-members, {F.shape[1]} features; {args.trials} trials per row; binomial 95 % upper end: "
           f"{S.binomial_upper(args.trials, 0.01)} / {S.binomial_upper(args.trials, 0.05)} false positives at alpha 0.01 / 0.05")
     print(f"{'procedure':<22}{'features':<12}{'|P|':>6}{'|U|':>6}{'FPR@0.01':>10}{'FPR@0.05':>10}{'KS p':>9}  within")
