@@ -624,6 +624,9 @@ def null_experiment(nonmembers: Tensor, n_p: int, trials: int = 1000, k: int = 5
     proc = make_procedure(procedure, k)
     empty = torch.zeros(0, nonmembers.shape[1], dtype=torch.float64)
     n_u = n_p if n_u is None else n_u
+    if min(n_p, n_u) < proc.min_set_size:
+        raise RSGMError(f"the null check of procedure '{proc.name}' needs at least {2 * proc.min_set_size} reference samples "
+                        f"(|P'| and |U'| >= {proc.min_set_size}); got |P'| = {n_p}, |U'| = {n_u}: add reference samples.")
     draw = draw_trials(0, len(nonmembers), n_p, n_u, trials, proc.folds, contamination=1.0, seed=seed)
     res = batched_cdi(empty, nonmembers, draw, k, C, device=device, procedure=proc, progress=progress)
     return {"n_p": n_p, "n_u": n_u, "trials": trials, **summarize_pvalues(res["p"]),
