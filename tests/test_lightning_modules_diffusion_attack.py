@@ -33,7 +33,7 @@ def run(tmp_path, devices, callbacks=(), **kw):
                       default_root_dir=str(tmp_path), enable_progress_bar=False, enable_model_summary=False,
                       enable_checkpointing=False, callbacks=list(callbacks))
     trainer.test(model, datamodule=data)
-    path = tmp_path / "features.pt"
+    path = tmp_path / "features.safetensors"
     return load_features_cache(path) if path.is_file() else None
 
 
@@ -47,25 +47,42 @@ def test_ddp_two_processes_give_the_same_features(tmp_path):
 
 
 def test_callbacks_and_features_cache(tmp_path, capsys):
-    cbs = [MembershipMetrics(), DatasetInference(trials=20, null_trials=50, contamination_ratios=[0.0, 1.0], contamination_trials=10, ablation_trials=10)]
+    cbs = [MembershipMetrics(), DatasetInference(trials=20, null_trials=50, contamination_ratios=[0.0, 1.0], contamination_trials=10, ablation_trials=10,
+                                                 permutations=20)]
     first = run(tmp_path / "a", 1, cbs)
     summary = json.loads((tmp_path / "a" / "cdi" / "summary.json").read_text())
     assert summary["n_members"] == 15 and summary["n_nonmembers"] == 16 and 0 <= summary["null_false_positive_rate"] <= 1
+    assert summary["procedure"] == "sequential_stratified" and summary["null_trials"] == 50 and summary["null_n_p"] == 8
+    assert summary["audit_p_permutation"] >= 1 / 21 and isinstance(summary["null_check_passed"], bool)
+    assert (tmp_path / "a" / "plots" / "cdi_null_qq.png").is_file()
+    assert (tmp_path / "a" / "mia" / "scores.safetensors").is_file() and (tmp_path / "a" / "cdi" / "p_values.safetensors").is_file()
     assert (tmp_path / "a" / "mia" / "metrics.csv").read_text().count("\n") == len(first["names"]) + 2
     assert (tmp_path / "a" / "plots" / "cdi_pvalue_vs_size.png").is_file()
     ablation = (tmp_path / "a" / "cdi" / "ablation.csv").read_text()
     assert "existing+gm" in ablation and "all_gray_box" in ablation
     # Re-analysis from the cache: the model folder does not exist, identical statistics.
-    run(tmp_path / "b", 1, cbs, target=PixelUNetTarget(path=str(tmp_path / "no_model")), features_cache=str(tmp_path / "a" / "features.pt"))
+    run(tmp_path / "b", 1, cbs, target=PixelUNetTarget(path=str(tmp_path / "no_model")), features_cache=str(tmp_path / "a" / "features.safetensors"))
     again = json.loads((tmp_path / "b" / "cdi" / "summary.json").read_text())
     assert again == summary
-    assert "Per-feature MIA" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Per-feature MIA" in out and "null check on the reference set" in out and "CDI verdict" in out
+
+
+def test_failed_null_check_refuses_significance():
+    cb = DatasetInference()
+    summary = {"audit_n_p": 30, "audit_n_u": 30, "audit_p_value": 1e-9, "null_n_p": 15, "null_n_u": 15, "null_trials": 1000,
+               "null_false_positive_rate": 0.04, "null_allowed_false_positives": 17, "null_mean_p": 0.5,
+               "null_check_passed": False, "audit_significant": False}
+    lines = cb.audit_lines(summary).splitlines()
+    assert lines[-1] == "CDI: the null check failed (too many false positives on the reference data); no result is called significant."
+    assert "significant: P was used" in cb.audit_lines(summary | {"null_check_passed": True, "audit_significant": True})
+    assert "thesis' original procedure" in DatasetInference(procedure="crossfit").audit_lines(summary)
 
 
 def test_missing_inputs_fail_clearly(tmp_path):
     with pytest.raises(ValueError, match="needs a target model"):
         DiffusionAttack(target=None)
     with pytest.raises(FileNotFoundError, match="features cache"):
-        DiffusionAttack(target=None, features_cache=str(tmp_path / "nope.pt"))
+        DiffusionAttack(target=None, features_cache=str(tmp_path / "nope.safetensors"))
     with pytest.raises(FileNotFoundError, match="pixel diffusion model folder"):
         DiffusionAttack(target=PixelUNetTarget(path=str(tmp_path / "missing"))).setup("test")

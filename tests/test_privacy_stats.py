@@ -86,11 +86,11 @@ def test_batched_cross_fit_scores_ignore_held_out_fold():
     rng = np.random.default_rng(0)
     members, nonmembers = torch.from_numpy(rng.normal(0.5, 1, (40, 3))), torch.from_numpy(rng.normal(0, 1, (40, 3)))
     draw = S.draw_trials(40, 40, 20, 20, trials=1, k=5, seed=1)
-    base = S.batched_cdi(members, nonmembers, draw)
+    base = S.batched_cdi(members, nonmembers, draw, procedure="crossfit")
     victim = int(draw.idx_p[0, 0])
     poisoned = members.clone()
     poisoned[victim] += 50.0
-    after = S.batched_cdi(poisoned, nonmembers, draw)
+    after = S.batched_cdi(poisoned, nonmembers, draw, procedure="crossfit")
     fold = torch.cat([draw.fold_p[0], draw.fold_u[0]])
     sc0, sc1 = torch.cat([base["sP"][0], base["sU"][0]]), torch.cat([after["sP"][0], after["sU"][0]])
     same_fold = fold == fold[0]
@@ -99,14 +99,17 @@ def test_batched_cross_fit_scores_ignore_held_out_fold():
     assert (sc0[fold != fold[0]] - sc1[fold != fold[0]]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("shift,n_p,n_u", [(0.3, 30, 30), (0.0, 20, 40), (0.15, 50, 25)])
-def test_batched_cdi_matches_sklearn_loop(shift, n_p, n_u):
+@pytest.mark.parametrize("shift,n_p,n_u,procedure", [(0.3, 30, 30, "crossfit"), (0.0, 20, 40, "crossfit"), (0.15, 50, 25, "crossfit"),
+                                                     (0.3, 30, 30, "split"), (0.3, 30, 30, "sequential"),
+                                                     (0.3, 30, 30, "sequential_stratified"), (0.0, 20, 40, "crossfit_stratified")])
+def test_batched_cdi_matches_sklearn_loop(shift, n_p, n_u, procedure):
     rng = np.random.default_rng(0)
-    members = torch.from_numpy(rng.normal(shift, 1, (120, 6)) * np.array([1, 2, 5, 1, 0.5, 1]))
-    nonmembers = torch.from_numpy(rng.normal(0, 1, (150, 6)) * np.array([1, 2, 5, 1, 0.5, 1]))
-    draw = S.draw_trials(120, 150, n_p, n_u, trials=25, k=5, seed=2)
-    fast = S.batched_cdi(members, nonmembers, draw)["p"].numpy()
-    slow = S.loop_cdi(members, nonmembers, draw, tol=1e-8)
+    members = torch.from_numpy(rng.normal(shift, 1, (120, 6)) * np.array([1, 2, 5, 1, 0.5, 1]) + np.array([0, 100, 0, -3, 0, 0]))
+    nonmembers = torch.from_numpy(rng.normal(0, 1, (150, 6)) * np.array([1, 2, 5, 1, 0.5, 1]) + np.array([0, 100, 0, -3, 0, 0]))
+    k = S.make_procedure(procedure).folds
+    draw = S.draw_trials(120, 150, n_p, n_u, trials=12, k=k, seed=2)
+    fast = S.batched_cdi(members, nonmembers, draw, procedure=procedure)["p"].numpy()
+    slow = S.loop_cdi(members, nonmembers, draw, tol=1e-8, procedure=procedure)
     np.testing.assert_allclose(fast, slow, atol=1e-3)
     np.testing.assert_allclose(fast, slow, atol=1e-6)  # the exact optimum agrees far tighter
 
@@ -140,3 +143,71 @@ def test_pvalue_to_tpr_separated_runs():
 
 def test_default_grid():
     assert S.default_size_grid(300) == [2, 3, 4, 5, 6, 7, 8, 9, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 200, 300]
+
+
+def test_sequential_folds_never_score_with_a_model_that_saw_later_folds():
+    proc = S.make_procedure("sequential_stratified", 5)
+    assert proc.score[0] == -1  # fold 0 only fits
+    for f in range(1, 5):
+        assert max(proc.train[proc.score[f]]) < f  # fold f scored by a model of folds < f only
+
+
+def test_unknown_procedure_is_one_line_error():
+    from rsgm.errors import RSGMError
+
+    with pytest.raises(RSGMError, match="unknown CDI procedure"):
+        S.make_procedure("bogus")
+
+
+def _null_features(n=1200, d=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(np.exp(0.5 * rng.standard_t(4, (n, d)) @ rng.normal(size=(d, d)) / np.sqrt(d)))
+
+
+def test_default_procedure_null_calibration_fast():
+    # Heavy-tailed, correlated null features: the default keeps its size at alpha = 0.05.
+    F = _null_features()
+    for n_p in (10, 40):
+        null = S.null_experiment(F, n_p, trials=300, alpha=0.05, seed=n_p)
+        check = S.null_check(null["p_values"], 0.05)
+        assert check["passed"], check
+
+
+def test_null_check_binomial_bound():
+    # P(X <= 16) = 0.973 < 0.975 <= P(X <= 17) = 0.986 for X ~ Bin(1000, 0.01)
+    assert S.binomial_upper(1000, 0.01) == 17 and S.binomial_upper(1000, 0.05) == 64
+    assert S.null_check(torch.linspace(0.001, 1, 1000), 0.01)["passed"]
+    assert not S.null_check(torch.cat([torch.full((30,), 1e-4), torch.rand(970)]), 0.01)["passed"]
+
+
+def test_permutation_pvalue_exact_and_finds_shift():
+    rng = np.random.default_rng(3)
+    P, U = torch.from_numpy(rng.normal(1.0, 1, (20, 3))), torch.from_numpy(rng.normal(0, 1, (20, 3)))
+    out = S.permutation_test(P, U, permutations=99, procedure="split", seed=0)
+    assert out["p"] == pytest.approx(0.01)  # the observed statistic beats every relabeling
+    # Under the null, p = (1 + #exceed) / (1 + B) is uniform on {1/20, ..., 1}: P(p <= 0.1) <= 0.1.
+    F = _null_features(400, 3, seed=5)
+    ps = [S.permutation_test(F[i * 20:(i + 1) * 20], F[200 + i * 10:200 + (i + 1) * 10], permutations=19, procedure="split", seed=i)["p"]
+          for i in range(20)]
+    assert all(p in {(1 + j) / 20 for j in range(20)} for p in ps)
+    assert sum(p <= 0.1 for p in ps) <= 6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n_p", [10, 30, 100, 300])
+def test_default_procedure_null_calibration_1000_trials(n_p):
+    F = _null_features(2 * 300 + 10, 26, seed=11)
+    null = S.null_experiment(F, n_p, trials=1000, alpha=0.01, seed=n_p)
+    for alpha in (0.01, 0.05):
+        assert S.null_check(null["p_values"], alpha)["passed"]
+
+
+@pytest.mark.slow
+def test_thesis_crossfit_is_over_dispersed_and_default_is_not():
+    # The cause of the over-dispersion: the fold models of cross-fitting are fitted on each
+    # other's test folds; the forward-chained default is not, on the same data.
+    F = _null_features(1000, 26, seed=12)
+    thesis = S.null_experiment(F, 30, trials=1000, alpha=0.05, procedure="crossfit", seed=1)
+    default = S.null_experiment(F, 30, trials=1000, alpha=0.05, seed=1)
+    assert not S.null_check(thesis["p_values"], 0.05)["passed"]
+    assert S.null_check(default["p_values"], 0.05)["passed"]

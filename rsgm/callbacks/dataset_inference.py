@@ -32,18 +32,22 @@ from tqdm.auto import tqdm
 
 from rsgm.privacy import stats as S
 from rsgm.utils.dashboard import log_table
+from rsgm.privacy.safe_files import save_tensors
 from rsgm.utils.figures import plt, run_dir, save_figure
+
+PVALUES_KIND = "rsgm.cdi_pvalues"  # read back with rsgm.privacy.safe_files.load_tensors(path, PVALUES_KIND)
+
 
 def _group(name: str) -> str:
     """Feature group of a column name: 'gm_t300' -> 'gm'."""
     return name.split("_")[0]
 
 
-def _search_min_size(members, nonmembers, sizes, trials, k, C, alpha, seed, device) -> tuple[int | None, list[dict]]:
+def _search_min_size(members, nonmembers, sizes, trials, k, C, alpha, seed, device, procedure) -> tuple[int | None, list[dict]]:
     """Walk the grid upwards and stop at the first |P| with mean p < alpha."""
     rows = []
     for n in sizes:
-        rows += S.pvalue_curve(members, nonmembers, [n], trials=trials, k=k, C=C, seed=seed, alpha=alpha, progress=False, device=device)
+        rows += S.pvalue_curve(members, nonmembers, [n], trials=trials, k=k, C=C, seed=seed, alpha=alpha, progress=False, device=device, procedure=procedure)
         if rows and rows[-1]["mean_p"] < alpha:
             return n, rows
     return None, rows
@@ -55,8 +59,11 @@ class DatasetInference(Callback):
                  null_size: int | None = None, null_trials: int = 1000,
                  contamination_ratios: list[float] | None = None, contamination_sizes: list[int] | None = None,
                  contamination_trials: int = 1000, ablation: bool = True, ablation_trials: int | None = None,
-                 existing_groups: list[str] | None = None, device: str = "cpu", seed: int = 0) -> None:
+                 existing_groups: list[str] | None = None, device: str = "cpu", seed: int = 0,
+                 procedure: str = S.DEFAULT_PROCEDURE, permutations: int = 0) -> None:
+        S.make_procedure(procedure, k)  # unknown names fail at construction, in one line
         self.trials, self.alpha, self.k, self.C, self.seed, self.device = trials, alpha, k, C, seed, device
+        self.procedure, self.permutations = procedure, permutations
         self.sizes, self.min_size, self.gray_box = sizes, min_size, gray_box
         self.null_size, self.null_trials = null_size, null_trials
         self.contamination_ratios = [0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0] if contamination_ratios is None else contamination_ratios
@@ -95,31 +102,40 @@ class DatasetInference(Callback):
         summary: dict = {"n_members": len(members), "n_nonmembers": len(nonmembers), "n_features": len(names), "alpha": self.alpha, "trials": self.trials}
         tables: dict = {}
 
-        # The audit exactly as the datamodule configured P and U (one data owner's case).
+        # The audit exactly as the datamodule configured P and U (one data owner's case), and
+        # its calibration: the same test on P', U' drawn from the user's own reference set U.
         role = res["in_suspect"].bool()
-        sP, sU = S.cross_fit_scores(F[role].numpy(), F[~role].numpy(), k=self.k, seed=self.seed)
-        summary["audit_n_p"], summary["audit_n_u"] = int(role.sum()), int((~role).sum())
-        summary["audit_p_value"] = float(S.welch_t_test(torch.from_numpy(sP), torch.from_numpy(sU))[2])
+        FP, FU = F[role], F[~role]
+        audit = S.audit_test(FP, FU, self.procedure, self.k, self.C, self.seed, self.permutations, self.device)
+        summary.update({"procedure": self.procedure, "audit_n_p": len(FP), "audit_n_u": len(FU), "audit_p_value": audit["p"]})
+        if "p_permutation" in audit:
+            summary.update({"audit_p_permutation": audit["p_permutation"], "permutations": self.permutations})
+        # P' as large as the audit's P (at most half of U); U' the rest of U.
+        null_p = min(self.null_size or len(FP), len(FU) // 2)
+        null_u = len(FU) - null_p
+        null = S.null_experiment(FU, null_p, self.null_trials, self.k, self.alpha, self.C, self.seed + 1, self.device,
+                                 self.procedure, n_u=null_u, progress=True)
+        check = S.null_check(null["p_values"], self.alpha)
+        p_audit = summary.get("audit_p_permutation", audit["p"])
+        summary.update({"null_n_p": null_p, "null_n_u": null_u, "null_trials": self.null_trials, "null_mean_p": null["mean_p"],
+                        "null_false_positive_rate": check["false_positive_rate"], "null_allowed_false_positives": check["upper_allowed"],
+                        "null_ks_pvalue": check["ks_pvalue"], "null_check_passed": check["passed"],
+                        "audit_significant": bool(check["passed"] and p_audit < self.alpha)})
+        tables["null_p_values"] = null["p_values"]
 
-        curves = {"all": S.pvalue_curve(members, nonmembers, sizes, self.trials, self.k, C=self.C, seed=self.seed, alpha=self.alpha, device=self.device)}
+        kw = dict(C=self.C, seed=self.seed, alpha=self.alpha, device=self.device, procedure=self.procedure)
+        curves = {"all": S.pvalue_curve(members, nonmembers, sizes, self.trials, self.k, **kw)}
         if self.gray_box and 0 < len(gray_cols) < len(names):
-            curves["gray"] = S.pvalue_curve(members[:, gray_cols], nonmembers[:, gray_cols], sizes, self.trials, self.k, C=self.C, seed=self.seed, alpha=self.alpha, device=self.device)
+            curves["gray"] = S.pvalue_curve(members[:, gray_cols], nonmembers[:, gray_cols], sizes, self.trials, self.k, **kw)
         tables["curve"] = [{"access": a, **r} for a, rows in curves.items() for r in rows]
         for a, rows in curves.items():
             summary[f"min_P_{a}"] = S.min_suspect_size(rows, self.alpha)
-
-        # Null experiment: P and U both non-members.
-        null_n = self.null_size or min(max(sizes), len(nonmembers) // 2)
-        null = S.null_experiment(nonmembers, null_n, self.null_trials, self.k, self.alpha, self.C, self.seed + 1, self.device)
-        summary.update({"null_n_p": null_n, "null_trials": self.null_trials, "null_mean_p": null["mean_p"],
-                        "null_false_positive_rate": null["false_positive_rate"]})
-        tables["null_p_values"] = null["p_values"]
 
         # p-value -> TPR@FPR=alpha at min |P| (App. C.17 and the empirical ROC of 1 - p).
         n_conv = summary["min_P_all"]
         if n_conv is not None and 2 * n_conv <= len(nonmembers):
             member_row = next(r for r in curves["all"] if r["n_p"] == n_conv)
-            null_conv = S.null_experiment(nonmembers, n_conv, self.trials, self.k, self.alpha, self.C, self.seed + 2, self.device)
+            null_conv = S.null_experiment(nonmembers, n_conv, self.trials, self.k, self.alpha, self.C, self.seed + 2, self.device, self.procedure)
             summary["conversion_n_p"] = n_conv
             summary["tpr_at_alpha_empirical"] = S.pvalue_to_tpr(member_row["p_values"], null_conv["p_values"], self.alpha)
             summary["tpr_at_alpha_power"] = member_row["power_tpr"]
@@ -129,7 +145,7 @@ class DatasetInference(Callback):
         rows = []
         grid = [(r, n) for r in self.contamination_ratios for n in csizes]
         for r, n in tqdm(grid, desc="CDI contamination", leave=False):
-            rows += S.pvalue_curve(members, nonmembers, [n], self.contamination_trials, self.k, contamination=r, C=self.C, seed=self.seed, alpha=self.alpha, progress=False, device=self.device)
+            rows += S.pvalue_curve(members, nonmembers, [n], self.contamination_trials, self.k, contamination=r, progress=False, **kw)
         tables["contamination"] = rows
 
         if self.ablation:
@@ -154,7 +170,7 @@ class DatasetInference(Callback):
         out = []
         for label, gs in tqdm(sets, desc="CDI feature ablation", leave=False):
             cols = gray_cols if gs is None else [j for j, n in enumerate(names) if _group(n) in gs]
-            n, rows = _search_min_size(members[:, cols], nonmembers[:, cols], sizes, self.ablation_trials, self.k, self.C, self.alpha, self.seed, self.device)
+            n, rows = _search_min_size(members[:, cols], nonmembers[:, cols], sizes, self.ablation_trials, self.k, self.C, self.alpha, self.seed, self.device, self.procedure)
             out.append({"features": label, "n_features": len(cols), "min_P": n, "mean_p_at_min_P": rows[-1]["mean_p"] if n else None,
                         "largest_P_tried": rows[-1]["n_p"] if rows else None, "mean_p_at_largest": rows[-1]["mean_p"] if rows else None})
         return out
@@ -169,8 +185,9 @@ class DatasetInference(Callback):
         self._csv(folder / "contamination.csv", tables["contamination"], ["contamination", "n_p", "n_u", "mean_p", "ci_low", "ci_high", "reject_rate"])
         if "ablation" in tables:
             self._csv(folder / "ablation.csv", tables["ablation"], list(tables["ablation"][0]))
-        torch.save({"curve": {f"{r['access']}_{r['n_p']}": r["p_values"] for r in tables["curve"]},
-                    "null": tables["null_p_values"]}, folder / "p_values.pt")
+        save_tensors(folder / "p_values.safetensors", PVALUES_KIND,
+                     {f"curve/{r['access']}_{r['n_p']}": r["p_values"] for r in tables["curve"]} | {"null": tables["null_p_values"]},
+                     {"procedure": self.procedure, "alpha": self.alpha})
 
     @staticmethod
     def _csv(path: Path, rows: list[dict], cols: list[str]) -> None:
@@ -182,15 +199,13 @@ class DatasetInference(Callback):
 
     def report(self, summary: dict, tables: dict) -> None:
         print(f"\nCDI: {summary['n_members']} members, {summary['n_nonmembers']} non-members, {summary['n_features']} features, {self.trials} trials per |P|")
-        print(f"configured audit |P|={summary['audit_n_p']} |U|={summary['audit_n_u']}: p = {summary['audit_p_value']:.3g}")
+        print(self.audit_lines(summary))
         print(f"{'access':<7}{'|P|':>6}{'mean p':>11}{'95% CI':>24}{'reject':>8}{'power':>8}")
         for r in tables["curve"]:
             print(f"{r['access']:<7}{r['n_p']:>6}{r['mean_p']:>11.3g}   [{r['ci_low']:>9.3g}, {r['ci_high']:>9.3g}]{r['reject_rate']:>8.3f}{r['power_tpr']:>8.3f}")
         for a in ("all", "gray"):
             if f"min_P_{a}" in summary:
                 print(f"min |P| ({a} features) with mean p < {self.alpha}: {summary[f'min_P_{a}']}")
-        print(f"null experiment |P|=|U|={summary['null_n_p']}, {summary['null_trials']} trials: mean p = {summary['null_mean_p']:.3f}, "
-              f"false-positive rate at alpha={self.alpha}: {100 * summary['null_false_positive_rate']:.2f}%")
         if "conversion_n_p" in summary:
             print(f"TPR@FPR={100 * self.alpha:g}% at |P|={summary['conversion_n_p']}: empirical {summary['tpr_at_alpha_empirical']:.3f}, power conversion {summary['tpr_at_alpha_power']:.3f}")
         print("contamination (fraction of non-members in P):")
@@ -202,7 +217,25 @@ class DatasetInference(Callback):
                 tail = "" if r["min_P"] else f"  (not reached; mean p {r['mean_p_at_largest']:.3g} at |P|={r['largest_P_tried']})"
                 print(f"  {r['features']:<22}{r['n_features']:>4} features  min |P| = {r['min_P']}{tail}")
 
+    def audit_lines(self, summary: dict) -> str:
+        """The audit verdict with its calibration, as printed at test end."""
+        proc = S.make_procedure(self.procedure, self.k)
+        label = " (the thesis' original procedure; not calibrated, for reproduction only)" if proc.name == "crossfit" else ""
+        lines = [f"CDI procedure: {proc.name}: {proc.description}{label}",
+                 f"configured audit |P|={summary['audit_n_p']} |U|={summary['audit_n_u']}: p = {summary['audit_p_value']:.3g}"
+                 + (f", exact permutation p = {summary['audit_p_permutation']:.3g} ({summary['permutations']} permutations)" if "audit_p_permutation" in summary else ""),
+                 f"null check on the reference set (|P'|={summary['null_n_p']}, |U'|={summary['null_n_u']}, {summary['null_trials']} trials): "
+                 f"false-positive rate at alpha={self.alpha}: {100 * summary['null_false_positive_rate']:.2f}% "
+                 f"(at most {summary['null_allowed_false_positives']} of {summary['null_trials']} allowed), mean p {summary['null_mean_p']:.3f}"]
+        if not summary["null_check_passed"]:
+            lines.append("CDI: the null check failed (too many false positives on the reference data); no result is called significant.")
+        else:
+            verdict = "significant: P was used to train the model" if summary["audit_significant"] else "not significant"
+            lines.append(f"CDI verdict at alpha={self.alpha}: {verdict}")
+        return "\n".join(lines)
+
     def plot(self, trainer: Trainer, summary: dict, tables: dict) -> None:
+        self.plot_null_qq(trainer, tables["null_p_values"], summary)
 
         fig, ax = plt.subplots(figsize=(5, 4))
         for a in dict.fromkeys(r["access"] for r in tables["curve"]):
@@ -228,3 +261,25 @@ class DatasetInference(Callback):
         ax.legend(fontsize=7)
         fig.tight_layout()
         save_figure(trainer, fig, "cdi_contamination")
+
+    def plot_null_qq(self, trainer: Trainer, p_null: torch.Tensor, summary: dict) -> None:
+        """Null p-values against the uniform (log-log QQ plot with a pointwise 95 % band)."""
+        from scipy import stats as sps
+
+        p = np.sort(p_null.double().numpy())
+        n = len(p)
+        i = np.arange(1, n + 1)
+        expected = i / (n + 1)
+        lo, hi = sps.beta.ppf(0.025, i, n + 1 - i), sps.beta.ppf(0.975, i, n + 1 - i)
+        fig, ax = plt.subplots(figsize=(4.5, 4.5))
+        ax.fill_between(expected, lo, hi, color="grey", alpha=0.3, label="95 % band (uniform)")
+        ax.plot(expected, np.clip(p, 1e-300, 1), ".", ms=2, label=f"null p-values ({n} trials)")
+        ax.plot([1 / (n + 1), 1], [1 / (n + 1), 1], "k:", lw=0.8)
+        ax.axvline(self.alpha, color="red", ls="--", lw=0.8)
+        ok = "passed" if summary["null_check_passed"] else "FAILED"
+        ax.set(xscale="log", yscale="log", xlabel="uniform quantile", ylabel="null p-value",
+               title=f"CDI null check ({self.procedure}): FPR {100 * summary['null_false_positive_rate']:.1f}% at alpha {self.alpha}, {ok}")
+        ax.title.set_fontsize(8)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        save_figure(trainer, fig, "cdi_null_qq")

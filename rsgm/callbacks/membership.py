@@ -16,9 +16,12 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from rsgm.metrics.membership import membership_auc, membership_roc, tpr_at_fpr
+from rsgm.privacy.safe_files import save_tensors
 from rsgm.privacy.stats import cross_fit_scores
 from rsgm.utils.dashboard import log_table
 from rsgm.utils.figures import plt, run_dir, save_figure
+
+SCORES_KIND = "rsgm.mia_scores"  # read back with rsgm.privacy.safe_files.load_tensors(path, SCORES_KIND)
 
 
 def per_feature_mia(names: list[str], features: torch.Tensor, is_member: torch.Tensor, fpr: float = 0.01, seed: int = 0) -> list[dict]:
@@ -38,7 +41,7 @@ def per_feature_mia(names: list[str], features: torch.Tensor, is_member: torch.T
 
 
 class MembershipMetrics(Callback):
-    """Writes ``mia/metrics.csv`` and ``mia/scores.pt``, logs ``mia/<feature>/tpr_at_<fpr>fpr``
+    """Writes ``mia/metrics.csv`` and ``mia/scores.safetensors``, logs ``mia/<feature>/tpr_at_<fpr>fpr``
     and ``mia/<feature>/auc``, and saves the log-log ROC plot ``mia_roc``."""
 
     def __init__(self, fpr: float = 0.01, plot: bool = True, seed: int = 0) -> None:
@@ -57,7 +60,8 @@ class MembershipMetrics(Callback):
             w.writerow(["feature", f"tpr_at_{pct}_fpr", "auc"])
             for r in rows:
                 w.writerow([r["feature"], f"{r['tpr_at_fpr']:.6f}", f"{r['auc']:.6f}"])
-        torch.save({r["feature"]: r["scores"] for r in rows} | {"is_member": res["is_member"], "index": res["index"]}, folder / "scores.pt")
+        save_tensors(folder / "scores.safetensors", SCORES_KIND, {r["feature"]: r["scores"] for r in rows} | {"is_member": res["is_member"], "index": res["index"]},
+                     {"features": [r["feature"] for r in rows]})
         if trainer.logger is not None:
             metrics = {}
             for r in rows:

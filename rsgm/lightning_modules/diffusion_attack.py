@@ -4,7 +4,7 @@
 features (:mod:`rsgm.privacy.diffusion_features`) of every sample of P and U through the
 target adapter (:mod:`rsgm.components.diffusion_adapters`); a "cat" metric gathers them
 across DDP ranks, de-duplicated by sample index. At test end the features are saved as
-``features.pt`` in the run folder, and the callbacks
+``features.safetensors`` in the run folder, and the callbacks
 (:class:`rsgm.callbacks.membership.MembershipMetrics`,
 :class:`rsgm.callbacks.dataset_inference.DatasetInference`) compute the MIA metrics and
 the dataset-inference statistics from ``self.results``.
@@ -23,20 +23,49 @@ from lightning.pytorch import LightningModule
 from rsgm.components.diffusion_adapters import DiffusionTarget
 from rsgm.metrics.membership import MembershipFeatures
 from rsgm.privacy.diffusion_features import ACCESS, DiffusionFeatureExtractor, FeatureConfig, feature_group
+from rsgm.errors import RSGMError
+from rsgm.privacy.safe_files import load_legacy_pt, load_tensors, save_tensors
 from rsgm.utils.figures import run_dir
 
 
+FEATURES_KIND = "rsgm.features"
+_REQUIRED = ("features", "is_member", "in_suspect", "index")
+
+
+def save_features_cache(path: str | Path, results: dict, config: dict | None = None) -> Path:
+    """Write the gathered features as safetensors (tensors) with names, rows per sample and
+    the feature config in the JSON header (:mod:`rsgm.privacy.safe_files`)."""
+    meta = {"names": list(results["names"]), "rows_per_sample": results.get("rows_per_sample", {}), "config": config or {}}
+    return save_tensors(path, FEATURES_KIND, {k: results[k] for k in _REQUIRED}, meta)
+
+
 def load_features_cache(path: str | Path) -> dict:
-    """Read a ``features.pt`` written by :class:`DiffusionAttack` (or any file with the same keys)."""
+    """Read a features cache written by :class:`DiffusionAttack`: ``features.safetensors``
+    (or an older ``features.pt``, read with ``weights_only=True``). Nothing in the file is
+    executed; a wrong format, version or shape is refused with one line (RSGMError)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"features cache '{path}' not found: pass the features.pt of an earlier `rsgm test` run folder.")
-    data = torch.load(path, map_location="cpu", weights_only=False)
-    missing = {"names", "features", "is_member", "in_suspect", "index"} - set(data)
-    if missing:
-        raise ValueError(f"features cache '{path}' lacks {sorted(missing)}; it must be a features.pt written by rsgm's diffusion attack.")
-    if data["features"].shape != (len(data["index"]), len(data["names"])):
-        raise ValueError(f"features cache '{path}': features {tuple(data['features'].shape)} do not match {len(data['index'])} samples x {len(data['names'])} names.")
+        raise FileNotFoundError(f"features cache '{path}' not found: pass the features.safetensors of an earlier `rsgm test` run folder.")
+    if path.suffix == ".pt":
+        data = load_legacy_pt(path, "features cache")
+        missing = sorted({"names", *_REQUIRED} - set(data))
+        if missing:
+            raise RSGMError(f"features cache '{path}' lacks {missing}; it must be written by rsgm's diffusion attack.")
+    else:
+        tensors, meta = load_tensors(path, FEATURES_KIND, _REQUIRED)
+        if not isinstance(meta.get("names"), list):
+            raise RSGMError(f"features cache '{path}' has no feature names; re-create it with rsgm test.")
+        data = {**tensors, **meta}
+    n, names = len(data["index"]), data["names"]
+    if not all(isinstance(x, str) for x in names):
+        raise RSGMError(f"features cache '{path}': names must be strings; re-create it with rsgm test.")
+    if tuple(data["features"].shape) != (n, len(names)):
+        raise RSGMError(f"features cache '{path}': features {tuple(data['features'].shape)} do not match {n} samples x {len(names)} names.")
+    for k in ("is_member", "in_suspect", "index"):
+        if tuple(data[k].shape) != (n,) or data[k].is_floating_point():
+            raise RSGMError(f"features cache '{path}': {k} must be {n} integers, got {tuple(data[k].shape)} {data[k].dtype}.")
+    if len(torch.unique(data["index"])) != n:
+        raise RSGMError(f"features cache '{path}': repeated sample indices; re-create it with rsgm test.")
     return data
 
 
@@ -45,7 +74,10 @@ class DiffusionAttack(LightningModule):
         target: the audited model behind the adapter protocol (null with ``features_cache``).
         features: feature groups to extract, from dl, secmi, pia, pian, gm, ml, no.
         feature_options: overrides of :class:`FeatureConfig` fields (timesteps, draws, p, ...).
-        features_cache: a saved ``features.pt``; skips the model entirely.
+        features_cache: a ``features.safetensors``. If the file exists, the model is never
+            touched (not even loaded) and the saved features are used; if it does not and a
+            target is given, the features are extracted and also written there, so the next
+            run with the same command reuses them.
     """
 
     def __init__(self, target: DiffusionTarget | None = None,
@@ -55,7 +87,9 @@ class DiffusionAttack(LightningModule):
         self.save_hyperparameters(ignore=["target"])
         self.cfg = FeatureConfig(**({"features": features} if features else {}), **(feature_options or {}))
         self.extractor = DiffusionFeatureExtractor(self.cfg)
-        self.cache = load_features_cache(features_cache) if features_cache else None
+        if features_cache and target is None and not Path(features_cache).is_file():
+            load_features_cache(features_cache)  # the one-line "not found" error
+        self.cache = load_features_cache(features_cache) if features_cache and Path(features_cache).is_file() else None
         if self.cache is None and target is None:
             raise ValueError("DiffusionAttack needs a target model (model.target) or a saved feature file (model.features_cache).")
         self.target = target
@@ -92,5 +126,7 @@ class DiffusionAttack(LightningModule):
                             "rows_per_sample": dict(self.extractor.rows_per_sample)}
             if self.trainer.is_global_zero:
                 folder.mkdir(parents=True, exist_ok=True)
-                torch.save({**self.results, "config": vars(self.cfg)}, folder / "features.pt")
+                save_features_cache(folder / "features.safetensors", self.results, vars(self.cfg))
+                if self.hparams.features_cache:
+                    save_features_cache(self.hparams.features_cache, self.results, vars(self.cfg))
         self.results["access"] = self.access

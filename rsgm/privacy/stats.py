@@ -23,6 +23,8 @@ from scipy import stats as sps
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from rsgm.errors import RSGMError
+
 
 # --------------------------------------------------------------------------- tests
 
@@ -117,51 +119,120 @@ def batched_logistic_regression(X: Tensor, y: Tensor, w: Tensor, C: float = 1.0,
     For every batch element b, with training weights w_b in {0, 1}: standardise with the
     weighted mean and population std of the training rows (std 0 -> 1, as StandardScaler),
     then minimise  0.5 ||beta||^2 + C * sum_i w_bi * log(1 + exp(-(2 y_i - 1)(x_i beta + b0)))
-    (the sklearn objective, intercept unpenalised) by damped Newton steps.
+    (the sklearn objective, intercept unpenalised).
 
     X: (B, n, d), y: (n,) or (B, n), w: (B, n). Returns ``(beta, intercept, mean, scale)``.
     """
-    X, w = X.double(), w.double()
+    X = X.double()
+    w = w.double()
     y = torch.broadcast_to(y.double(), w.shape)
-    wsum = w.sum(-1, keepdim=True)
-    mean = (w.unsqueeze(-1) * X).sum(1) / wsum
-    var = (w.unsqueeze(-1) * (X - mean.unsqueeze(1)) ** 2).sum(1) / wsum
-    scale = torch.sqrt(var)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    A = torch.cat([(X - mean.unsqueeze(1)) / scale.unsqueeze(1), torch.ones_like(X[..., :1])], -1)
-    B, n, d1 = A.shape
-    dev = X.device
-    reg = torch.ones(d1, dtype=torch.float64, device=dev)
-    reg[-1] = 0.0
-    theta = torch.zeros(B, d1, dtype=torch.float64, device=dev)
-    sign = 2 * y - 1
-    halvings = 0.5 ** torch.arange(8, dtype=torch.float64, device=dev)
-    active = torch.arange(B, device=dev)  # models not yet converged; converged ones drop out of the batch
+    shift = X.mean(1, keepdim=True)
+    one = torch.ones(1, 1, dtype=torch.float64, device=X.device)
+    beta, b0, mu, sc = _block_lr((X - shift).unsqueeze(1), y.unsqueeze(1), w.unsqueeze(1), one, C, max_iter, tol)
+    return beta[:, 0], b0[:, 0], mu[:, 0] + shift[:, 0], sc[:, 0]
+
+
+def _block_lr(X: Tensor, y: Tensor, valid: Tensor, train: Tensor, C: float, max_iter: int = 100, tol: float = 1e-9):
+    """The solver behind the CDI statistics: m StandardScaler + L2 logistic regressions per
+    design, fitted on unions of row blocks of one shared design matrix.
+
+    X: (T, k, b, d), rows in k blocks of b (padding rows have ``valid`` 0); y, valid: (T, k, b);
+    train: (m, k), model j fits the valid rows of the blocks f with train[j, f] = 1. X should
+    be centred per design (moments are accumulated per block in one pass).
+
+    Standardisation is folded into the products (z = ((x - mu) / s) . beta + b0), so no
+    standardised copy is made. Damped Newton steps (backtracking on the exact objective) with
+    the exact float64 gradient; each model's Hessian is rebuilt while its design still moves
+    by more than 1e-3 and then frozen (it then changes by less than the step, and it only
+    sets the direction: the fixed point is the exact optimum). Designs whose models all moved
+    less than ``tol`` drop out. Returns (beta, b0, mu, s), each (T, m, ...).
+    """
+    T, k, bsz, d = X.shape
+    m, N = train.shape[0], k * bsz
+    dt, dev = torch.float64, X.device
+    Xf = X.reshape(T, N, d)
+    Xt = Xf.transpose(1, 2)
+    v_ = valid.reshape(T, N)
+    w = v_.unsqueeze(1) * train.repeat_interleave(bsz, 1).unsqueeze(0)  # (T, m, N)
+    yf = y.reshape(T, 1, N)
+    cnt, s1, s2 = valid.sum(-1), (valid.unsqueeze(-1) * X).sum(2), (valid.unsqueeze(-1) * X * X).sum(2)  # per block
+    wsum = cnt @ train.T  # (T, m)
+    mu = torch.einsum("mk,tkd->tmd", train, s1) / wsum.unsqueeze(-1)
+    var = (torch.einsum("mk,tkd->tmd", train, s2) / wsum.unsqueeze(-1) - mu**2).clamp_min(0)
+    tiny = (1e-12 * Xf.abs().amax(1, keepdim=True)) ** 2  # constant column (up to round-off): scale 1, as StandardScaler
+    sc = torch.where(var > tiny, var.sqrt(), torch.ones_like(var))
+    reg = torch.eye(d + 1, dtype=dt, device=dev)
+    reg[-1, -1] = 0.0  # the intercept is not penalised
+    beta = torch.zeros(T, m, d, dtype=dt, device=dev)
+    b0 = torch.zeros(T, m, dtype=dt, device=dev)
+    z = torch.zeros(T, m, N, dtype=dt, device=dev)
+    chol = torch.zeros(T, m, d + 1, d + 1, dtype=dt, device=dev)
+    refresh = torch.ones(T, dtype=torch.bool, device=dev)
+    active = torch.arange(T, device=dev)
+    sign = 2 * yf - 1
+
+    def pick(idx, *ts):
+        return ts if idx.numel() == T else tuple(t_[idx] for t_ in ts)
 
     for _ in range(max_iter):
-        if active.numel() == B:  # no copies while every model is still iterating
-            Aa, wa, ya, sa, th = A, w, y, sign, theta.clone()
-        else:
-            Aa, wa, ya, sa, th = A[active], w[active], y[active], sign[active], theta[active]
-        z = torch.bmm(Aa, th.unsqueeze(-1)).squeeze(-1)
-        p = torch.sigmoid(z)
-        grad = C * torch.bmm(Aa.transpose(1, 2), (wa * (p - ya)).unsqueeze(-1)).squeeze(-1) + reg * th
-        hess = C * torch.bmm(Aa.transpose(1, 2) * (wa * p * (1 - p)).unsqueeze(1), Aa) + torch.diag(reg)
-        step = torch.linalg.solve(hess, grad.unsqueeze(-1)).squeeze(-1)
-        # Backtracking: take the longest of 1, 1/2, 1/4, ... that does not increase the
-        # objective (plain Newton can overshoot far from the optimum).
-        cand = th.unsqueeze(0) - halvings.view(-1, 1, 1) * step.unsqueeze(0)  # (L, Ba, d1)
-        zc = torch.bmm(Aa, cand.permute(1, 2, 0)).permute(2, 0, 1)
-        obj = 0.5 * (reg * cand**2).sum(-1) + C * (wa * torch.nn.functional.softplus(-sa * zc)).sum(-1)
-        obj0 = 0.5 * (reg * th**2).sum(-1) + C * (wa * torch.nn.functional.softplus(-sa * z)).sum(-1)
-        ok = obj <= obj0 + 1e-12 * obj0.abs()
-        first = torch.where(ok.any(0), ok.float().argmax(0), torch.full_like(obj0, len(halvings) - 1, dtype=torch.long))
-        moved = halvings[first].unsqueeze(-1) * step
-        theta[active] = th - moved
-        active = active[moved.abs().amax(-1) >= tol]
+        idx = active
+        Xa, Xta, wa, ya, sa, mua, sca, be, bb, za = pick(idx, Xf, Xt, w, yf, sign, mu, sc, beta, b0, z)
+        p = torch.sigmoid(za)
+        r = wa * (p - ya)
+        rs = r.sum(-1)
+        grad = torch.cat([C * (torch.bmm(r, Xa) - rs.unsqueeze(-1) * mua) / sca + be, C * rs.unsqueeze(-1)], -1)
+        ri = refresh[idx]
+        if ri.any():
+            sel = ri.nonzero().squeeze(1)
+            full = sel.numel() == idx.numel()
+            curv = wa * p * (1 - p)
+            args = (Xa, curv, mua, sca) if full else (Xa[sel], curv[sel], mua[sel], sca[sel])
+            L = _curvature_cholesky(*args, C, reg)
+            if full:
+                chol[idx] = L
+            else:
+                chol[idx[sel]] = L
+        step = torch.cholesky_solve(grad.unsqueeze(-1), chol[idx]).squeeze(-1)
+        # Backtracking: the longest of 1, 1/2, 1/4, ... that does not increase the objective.
+        obj0 = 0.5 * (be**2).sum(-1) + C * (wa * torch.nn.functional.softplus(-sa * za)).sum(-1)
+        t = torch.ones(len(idx), m, dtype=dt, device=dev)
+        for _h in range(40):
+            nb, nb0 = be - t.unsqueeze(-1) * step[..., :d], bb - t * step[..., d]
+            vv = nb / sca
+            zn = torch.bmm(vv, Xta) + (nb0 - (mua * vv).sum(-1)).unsqueeze(-1)
+            obj = 0.5 * (nb**2).sum(-1) + C * (wa * torch.nn.functional.softplus(-sa * zn)).sum(-1)
+            bad = obj > obj0 + 1e-12 * obj0.abs()
+            if not bad.any():
+                break
+            t = torch.where(bad, t / 2, t)
+        beta[idx], b0[idx], z[idx] = nb, nb0, zn
+        moved = (t.unsqueeze(-1) * step).abs().amax(-1).amax(-1)  # per design
+        refresh[idx] = moved > 1e-3
+        active = idx[moved >= tol]
         if active.numel() == 0:
             break
-    return theta[:, :-1], theta[:, -1], mean, scale
+    else:
+        raise RuntimeError(f"{active.numel()} logistic regressions did not converge in {max_iter} iterations.")
+    return beta, b0, mu, sc
+
+
+def _curvature_cholesky(Xf: Tensor, s: Tensor, mu: Tensor, sc: Tensor, C: float, reg: Tensor) -> Tensor:
+    """Cholesky factors (T, m, d+1, d+1) of the Hessians C * sum_i s_ji a_ji a_ji' + reg,
+    a_ji = ((x_i - mu_j) / sc_j, 1), of m models sharing Xf (T, N, d); s: (T, m, N) holds
+    each model's weight x p (1 - p). The O(N m d^2) product is one batched matmul."""
+    T, N, d = Xf.shape
+    m = s.shape[1]
+    Z = torch.mul(s.transpose(1, 2).unsqueeze(-1), Xf.unsqueeze(2), out=torch.empty(T, N, m, d, dtype=Xf.dtype, device=Xf.device))
+    M2 = torch.bmm(Xf.transpose(1, 2), Z.view(T, N, m * d)).view(T, d, m, d).transpose(1, 2)
+    m1 = torch.bmm(s, Xf)
+    m0 = s.sum(-1)
+    mm = mu.unsqueeze(-1) * m1.unsqueeze(-2)
+    Hc = (M2 - mm - mm.transpose(-1, -2) + m0[..., None, None] * mu.unsqueeze(-1) * mu.unsqueeze(-2)) / (sc.unsqueeze(-1) * sc.unsqueeze(-2))
+    g1 = (m1 - m0.unsqueeze(-1) * mu) / sc
+    H = torch.empty(T, m, d + 1, d + 1, dtype=torch.float64, device=Xf.device)
+    H[..., :d, :d], H[..., :d, d], H[..., d, :d], H[..., d, d] = Hc, g1, g1, m0
+    H = C * H + reg
+    return torch.linalg.cholesky(H)
 
 
 # --------------------------------------------------------------------------- resampling
@@ -177,6 +248,73 @@ class TrialDraw:
     idx_u: Tensor
     fold_p: Tensor
     fold_u: Tensor
+
+    def __getitem__(self, sl) -> "TrialDraw":
+        return TrialDraw(self.idx_p[sl], self.idx_u[sl], self.fold_p[sl], self.fold_u[sl])
+
+    def __len__(self) -> int:
+        return self.idx_p.shape[0]
+
+
+@dataclass(frozen=True)
+class Procedure:
+    """How P and U are split into folds, which folds fit which scoring model, which folds are
+    scored, and how the scores become a p-value.
+
+    ``folds``: number of folds per set; ``train[j]``: folds that fit model j; ``score[f]``:
+    model that scores fold f (-1: fold only used for fitting). ``per_fold_welch``: the
+    fold-stratified Welch test of :func:`_statistic` instead of one Welch test on all scored rows."""
+
+    name: str
+    folds: int
+    train: tuple[tuple[int, ...], ...]
+    score: tuple[int, ...]
+    per_fold_welch: bool = False
+    description: str = ""
+
+    @property
+    def min_set_size(self) -> int:
+        """Smallest |P| (and |U|) the procedure is defined for: two scored rows per fold and set."""
+        return 2 * self.folds if self.per_fold_welch else max(self.folds, 4)
+
+
+def _crossfit(k: int) -> Procedure:
+    return Procedure("crossfit", k, tuple(tuple(f for f in range(k) if f != j) for j in range(k)), tuple(range(k)),
+                     description=f"thesis (§5.2): {k}-fold cross-fitting, one Welch test on all cross-fitted scores")
+
+
+def _split() -> Procedure:
+    return Procedure("split", 2, ((0,),), (-1, 0), description="split-sample: fit on one half of P and U, Welch test on the held-out half")
+
+
+def _sequential(k: int) -> Procedure:
+    # Fold f (f >= 1) is scored by a model fitted on folds 0..f-1 only: the fold differences
+    # form a martingale-difference sequence, so they are uncorrelated under the null.
+    return Procedure("sequential", k, tuple(tuple(range(j + 1)) for j in range(k - 1)), (-1, *range(k - 1)),
+                     description=f"forward-chained {k} folds: fold f scored by a model fitted on folds < f, one Welch test")
+
+
+def _crossfit_stratified(k: int) -> Procedure:
+    return Procedure("crossfit_stratified", k, _crossfit(k).train, _crossfit(k).score, per_fold_welch=True,
+                     description=f"{k}-fold cross-fitting, fold-stratified Welch test")
+
+
+PROCEDURES = ("split", "crossfit", "sequential", "sequential_stratified", "crossfit_stratified")
+DEFAULT_PROCEDURE = "sequential_stratified"
+
+
+def _sequential_stratified(k: int) -> Procedure:
+    seq = _sequential(k)
+    return Procedure("sequential_stratified", k, seq.train, seq.score, per_fold_welch=True,
+                     description=f"forward-chained {k} folds (fold f scored by a model fitted on folds < f), fold-stratified Welch test")
+
+
+def make_procedure(name: str, k: int = 5) -> Procedure:
+    table = {"crossfit": lambda: _crossfit(k), "split": _split, "sequential": lambda: _sequential(k),
+             "crossfit_stratified": lambda: _crossfit_stratified(k), "sequential_stratified": lambda: _sequential_stratified(k)}
+    if name not in table:
+        raise RSGMError(f"unknown CDI procedure '{name}'; choose one of {sorted(table)}.")
+    return table[name]()
 
 
 def draw_trials(n_members: int, n_nonmembers: int, n_p: int, n_u: int, trials: int, k: int = 5,
@@ -203,58 +341,213 @@ def draw_trials(n_members: int, n_nonmembers: int, n_p: int, n_u: int, trials: i
     return TrialDraw(idx_p, idx_u, fold_p, fold_u)
 
 
-def _cross_fit_batch(F: Tensor, idx_p: Tensor, idx_u: Tensor, fold_p: Tensor, fold_u: Tensor, k: int, C: float) -> tuple[Tensor, Tensor]:
-    T, n_p = idx_p.shape
-    X = F[torch.cat([idx_p, idx_u], 1)]  # (T, n, d)
-    fold = torch.cat([fold_p, fold_u], 1)
-    y = torch.cat([torch.ones(n_p), torch.zeros(idx_u.shape[1])]).double().to(F.device)
-    n, d = X.shape[1:]
-    w = (fold.unsqueeze(1) != torch.arange(k, device=F.device).view(1, k, 1)).double()  # (T, k, n)
-    Xk = X.unsqueeze(1).expand(T, k, n, d).reshape(T * k, n, d)
-    beta, b0, mean, scale = batched_logistic_regression(Xk, y, w.reshape(T * k, n), C=C)
-    z = torch.einsum("bnd,bd->bn", (Xk - mean.unsqueeze(1)) / scale.unsqueeze(1), beta) + b0.unsqueeze(-1)
-    scores = z.view(T, k, n).gather(1, fold.unsqueeze(1)).squeeze(1)  # each sample scored by the model of its own (held-out) fold
-    return scores[:, :n_p], scores[:, n_p:]
+def _fit_and_score(F: Tensor, draw: TrialDraw, proc: Procedure, C: float) -> tuple[Tensor, Tensor]:
+    """Scores (T, n) of every row of each trial (NaN where the row is not scored), and the
+    rows' folds. Rows are regrouped into equal, zero-padded fold blocks for the solver."""
+    T, n_p = draw.idx_p.shape
+    dev = F.device
+    idx = torch.cat([draw.idx_p, draw.idx_u], 1)
+    fold = torch.cat([draw.fold_p, draw.fold_u], 1)
+    n, k = idx.shape[1], proc.folds
+    y = torch.cat([torch.ones(n_p), torch.zeros(n - n_p)]).double().to(dev).expand(T, n)
+    # Position of every row inside its fold block (padded to the largest fold of any trial).
+    order = torch.argsort(fold * n + torch.arange(n, device=dev), dim=1)
+    sorted_fold = fold.gather(1, order)
+    counts = torch.nn.functional.one_hot(fold, k).sum(1)  # (T, k)
+    bsz = int(counts.max())
+    start = torch.cumsum(counts, 1) - counts
+    slot = sorted_fold * bsz + torch.arange(n, device=dev) - start.gather(1, sorted_fold)  # (T, n) in [0, k*bsz)
+    X = F[idx.gather(1, order)]
+    X = X - X.mean(1, keepdim=True)  # centring per trial: exact one-pass moments, same fits
+    Xb = torch.zeros(T, k * bsz, F.shape[1], dtype=torch.float64, device=dev).scatter_(1, slot.unsqueeze(-1).expand_as(X), X)
+    yb = torch.zeros(T, k * bsz, dtype=torch.float64, device=dev).scatter_(1, slot, y.gather(1, order))
+    vb = torch.zeros(T, k * bsz, dtype=torch.float64, device=dev).scatter_(1, slot, torch.ones_like(y))
+    train = torch.zeros(len(proc.train), k, dtype=torch.float64, device=dev)
+    for j, fs in enumerate(proc.train):
+        train[j, list(fs)] = 1.0
+    beta, b0, mu, sc = _block_lr(Xb.view(T, k, bsz, -1), yb.view(T, k, bsz), vb.view(T, k, bsz), train, C)
+    v = beta / sc
+    z = torch.bmm(v, Xb.transpose(1, 2)) + (b0 - (mu * v).sum(-1)).unsqueeze(-1)  # (T, m, k*bsz)
+    model = torch.tensor(proc.score, device=dev)[sorted_fold]  # (T, n), sorted order
+    zs = z.gather(2, slot.unsqueeze(1).expand(T, z.shape[1], n))  # (T, m, n) sorted order
+    sc_sorted = zs.gather(1, model.clamp_min(0).unsqueeze(1)).squeeze(1)
+    sc_sorted = torch.where(model >= 0, sc_sorted, torch.full_like(sc_sorted, float("nan")))
+    scores = torch.empty_like(sc_sorted).scatter_(1, order, sc_sorted)
+    return scores, fold
+
+
+def _masked_welch(sP: Tensor, sU: Tensor) -> tuple[Tensor, Tensor]:
+    """Welch t and df over the non-NaN entries of each row (equal counts per row)."""
+    a = sP[~torch.isnan(sP)].view(sP.shape[0], -1)
+    b = sU[~torch.isnan(sU)].view(sU.shape[0], -1)
+    na, nb = a.shape[-1], b.shape[-1]
+    va, vb = a.var(-1) / na, b.var(-1) / nb
+    t = (a.mean(-1) - b.mean(-1)) / torch.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / (na - 1) + vb**2 / (nb - 1))
+    return t, df
+
+
+def t_sf(t: Tensor, df: Tensor) -> Tensor:
+    """Upper tail of Student's t (scipy, float64), for tensors on any device."""
+    return torch.from_numpy(np.asarray(sps.t.sf(t.double().cpu().numpy(), df.double().cpu().numpy()), dtype=np.float64))
+
+
+def _statistic(scores: Tensor, fold: Tensor, n_p: int, proc: Procedure) -> tuple[Tensor, Tensor]:
+    """(t, p) per trial: one Welch test over all scored rows, or (``per_fold_welch``) the
+    fold-stratified Welch test: each scored fold's mean difference in units of that fold's
+    score scale, D_f = (mean_P,f - mean_U,f) / s_f, summed, over the square root of the
+    summed Welch variances V_f = (var_P,f / n_P,f + var_U,f / n_U,f) / s_f^2, with the
+    Welch-Satterthwaite df pooled over folds. Folds scored by different models thus
+    enter on one scale, and the df stay large when each fold is small."""
+    sP, sU = scores[:, :n_p], scores[:, n_p:]
+    if not proc.per_fold_welch:
+        t, df = _masked_welch(sP, sU)
+        return t, t_sf(t, df)
+    fp, fu = fold[:, :n_p], fold[:, n_p:]
+    num = torch.zeros(len(scores), dtype=torch.float64)
+    var = torch.zeros_like(num)
+    dfden = torch.zeros_like(num)
+    for f in range(proc.folds):
+        if proc.score[f] < 0:
+            continue
+        a = sP[fp == f].view(len(sP), -1)  # balanced folds: equal counts in every trial
+        b = sU[fu == f].view(len(sU), -1)
+        scale2 = torch.cat([a, b], 1).var(-1)
+        na, nb = a.shape[-1], b.shape[-1]
+        va, vb = a.var(-1) / na / scale2, b.var(-1) / nb / scale2
+        num += (a.mean(-1) - b.mean(-1)) / scale2.sqrt()
+        var += va + vb
+        dfden += va**2 / (na - 1) + vb**2 / (nb - 1)
+    t = num / var.sqrt()
+    return t, t_sf(t, var**2 / dfden)
 
 
 def batched_cdi(members: Tensor, nonmembers: Tensor, draw: TrialDraw, k: int = 5, C: float = 1.0,
-                max_elements: int = 20_000_000, progress: bool = False, device: str | torch.device = "cpu") -> dict[str, Tensor]:
+                max_elements: int = 20_000_000, progress: bool = False, device: str | torch.device = "cpu",
+                procedure: str | Procedure = "crossfit") -> dict[str, Tensor]:
     """CDI p-values for every trial in ``draw`` (§5.2 steps 2-4), solved in batches
     (on ``device``: a GPU solves the logistic regressions much faster than the CPU).
 
-    Returns per-trial ``p`` (one-sided Welch p-value of cross-fitted logits), ``t`` and
-    ``cohen_d`` (for the power conversion of App. C.17), plus the scores ``sP``/``sU``.
+    ``procedure`` (see :data:`PROCEDURES`) fixes the folds of ``draw``: ``draw`` must use its
+    ``folds`` (5 for crossfit, 2 for split). Returns per-trial ``p``, ``t`` and ``cohen_d``
+    (for the power conversion of App. C.17), plus the scores ``sP``/``sU`` (NaN: not scored).
     """
+    proc = procedure if isinstance(procedure, Procedure) else make_procedure(procedure, k)
     F = torch.cat([torch.as_tensor(members), torch.as_tensor(nonmembers)]).double().to(device)
     if not torch.isfinite(F).all():
-        raise ValueError("feature matrix contains NaN or inf; fix the feature extraction before dataset inference.")
-    T, n = draw.idx_p.shape[0], draw.idx_p.shape[1] + draw.idx_u.shape[1]
-    chunk = max(1, max_elements // (k * n * (F.shape[1] + 1)))
+        raise RSGMError("feature matrix contains NaN or inf; fix the feature extraction before dataset inference.")
+    if int(max(draw.fold_p.max(), draw.fold_u.max())) >= proc.folds:
+        raise ValueError(f"procedure '{proc.name}' uses {proc.folds} folds; draw the trials with k={proc.folds}.")
+    T, n_p = draw.idx_p.shape
+    n, m = n_p + draw.idx_u.shape[1], len(proc.train)
+    chunk = max(1, max_elements // (n * (m + 1) * (F.shape[1] + 1)))
     out = {"p": [], "t": [], "cohen_d": [], "sP": [], "sU": []}
     for s in tqdm(range(0, T, chunk), disable=not progress, desc="CDI trials", leave=False):
-        sl = slice(s, s + chunk)
-        sP, sU = (s.cpu() for s in _cross_fit_batch(F, *(v[sl].to(device) for v in (draw.idx_p, draw.idx_u, draw.fold_p, draw.fold_u)), k, C))
-        t, _, p = welch_t_test(sP, sU)
-        for key, val in zip(out, (p, t, cohen_d(sP, sU), sP, sU)):
+        sub = draw[s : s + chunk]
+        sub = TrialDraw(*(v.to(device) for v in (sub.idx_p, sub.idx_u, sub.fold_p, sub.fold_u)))
+        scores, fold = _fit_and_score(F, sub, proc, C)
+        scores, fold = scores.cpu(), fold.cpu()
+        t, p = _statistic(scores, fold, n_p, proc)
+        sP, sU = scores[:, :n_p], scores[:, n_p:]
+        a = sP[~torch.isnan(sP)].view(len(sP), -1)
+        b = sU[~torch.isnan(sU)].view(len(sU), -1)
+        for key, val in zip(out, (p, t.cpu(), cohen_d(a, b), sP, sU)):
             out[key].append(val)
     return {key: torch.cat(val) for key, val in out.items()}
 
 
-def loop_cdi(members, nonmembers, draw: TrialDraw, k: int = 5, C: float = 1.0, tol: float = 1e-4) -> np.ndarray:
-    """The straightforward reference: one sklearn pipeline per trial and fold, scipy Welch test."""
+def loop_cdi(members, nonmembers, draw: TrialDraw, k: int = 5, C: float = 1.0, tol: float = 1e-4,
+             procedure: str | Procedure = "crossfit") -> np.ndarray:
+    """The straightforward reference: one sklearn pipeline per trial and model, scipy Welch test."""
+    proc = procedure if isinstance(procedure, Procedure) else make_procedure(procedure, k)
     F = np.concatenate([np.asarray(members), np.asarray(nonmembers)]).astype(np.float64)
     ps = []
     for i in range(draw.idx_p.shape[0]):
         FP, FU = F[draw.idx_p[i].numpy()], F[draw.idx_u[i].numpy()]
         fp, fu = draw.fold_p[i].numpy(), draw.fold_u[i].numpy()
-        sP, sU = np.empty(len(FP)), np.empty(len(FU))
-        for j in range(k):
-            X = np.concatenate([FP[fp != j], FU[fu != j]])
-            y = np.r_[np.ones((fp != j).sum()), np.zeros((fu != j).sum())]
-            scores = sklearn_fit_score(X, y, np.concatenate([FP[fp == j], FU[fu == j]]), C=C, tol=tol)
-            sP[fp == j], sU[fu == j] = scores[: (fp == j).sum()], scores[(fp == j).sum():]
-        ps.append(sps.ttest_ind(sP, sU, equal_var=False, alternative="greater").pvalue)
+        sP, sU = np.full(len(FP), np.nan), np.full(len(FU), np.nan)
+        for j, fs in enumerate(proc.train):
+            trp, tru = np.isin(fp, fs), np.isin(fu, fs)
+            tep, teu = np.isin(fp, [f for f, mj in enumerate(proc.score) if mj == j]), np.isin(fu, [f for f, mj in enumerate(proc.score) if mj == j])
+            X = np.concatenate([FP[trp], FU[tru]])
+            y = np.r_[np.ones(trp.sum()), np.zeros(tru.sum())]
+            scores = sklearn_fit_score(X, y, np.concatenate([FP[tep], FU[teu]]), C=C, tol=tol)
+            sP[tep], sU[teu] = scores[: tep.sum()], scores[tep.sum():]
+        if proc.per_fold_welch:  # fold-stratified Welch, written out per fold with numpy
+            num = var = dfden = 0.0
+            for f in range(proc.folds):
+                if proc.score[f] < 0:
+                    continue
+                a, b = sP[fp == f], sU[fu == f]
+                s2 = np.var(np.r_[a, b], ddof=1)
+                va, vb = np.var(a, ddof=1) / len(a) / s2, np.var(b, ddof=1) / len(b) / s2
+                num += (a.mean() - b.mean()) / np.sqrt(s2)
+                var += va + vb
+                dfden += va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)
+            ps.append(sps.t.sf(num / np.sqrt(var), var**2 / dfden))
+        else:
+            ps.append(sps.ttest_ind(sP[~np.isnan(sP)], sU[~np.isnan(sU)], equal_var=False, alternative="greater").pvalue)
     return np.asarray(ps)
+
+
+def permutation_test(FP: Tensor, FU: Tensor, permutations: int = 1000, procedure: str | Procedure = "crossfit", k: int = 5,
+                     C: float = 1.0, seed: int = 0, device: str | torch.device = "cpu", progress: bool = False) -> dict:
+    """Exact permutation p-value of the CDI statistic for one (P, U) case.
+
+    The statistic (the procedure's Welch t) is recomputed, folds and scoring
+    models included, on ``permutations`` random relabelings of P u U that keep |P|; then
+    p = (1 + #{t_b >= t_obs}) / (1 + B). Under H0 (P and U from one distribution) the labels
+    are exchangeable, so P(p <= a) <= a exactly, for any B; the smallest reachable p is
+    1 / (1 + B). All relabelings are solved as one batch of trials (:func:`batched_cdi`).
+    """
+    proc = procedure if isinstance(procedure, Procedure) else make_procedure(procedure, k)
+    FP, FU = torch.as_tensor(FP).double(), torch.as_tensor(FU).double()
+    n_p, n_u = len(FP), len(FU)
+    n = n_p + n_u
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.cat([torch.arange(n).unsqueeze(0), torch.rand(permutations, n, generator=g).argsort(-1)])
+    fold_p = torch.rand(permutations + 1, n_p, generator=g).argsort(-1) % proc.folds
+    fold_u = torch.rand(permutations + 1, n_u, generator=g).argsort(-1) % proc.folds
+    draw = TrialDraw(labels[:, :n_p], labels[:, n_p:], fold_p, fold_u)
+    res = batched_cdi(torch.cat([FP, FU]), FP[:0], draw, proc.folds, C, progress=progress, device=device, procedure=proc)
+    t = res["t"]
+    exceed = int((t[1:] >= t[0]).sum())
+    return {"p": (1 + exceed) / (1 + permutations), "t": float(t[0]), "p_parametric": float(res["p"][0]), "permutations": permutations}
+
+
+def audit_test(FP: Tensor, FU: Tensor, procedure: str = DEFAULT_PROCEDURE, k: int = 5, C: float = 1.0, seed: int = 0,
+               permutations: int = 0, device: str | torch.device = "cpu") -> dict:
+    """One data owner's case: the procedure's p-value for P vs U (random balanced folds from
+    ``seed``) and, with ``permutations`` > 0, the exact permutation p-value as well."""
+    proc = make_procedure(procedure, k)
+    FP, FU = torch.as_tensor(FP).double(), torch.as_tensor(FU).double()
+    if min(len(FP), len(FU)) < proc.min_set_size:
+        raise RSGMError(f"CDI procedure '{proc.name}' needs at least {proc.min_set_size} samples in P and in U, got {len(FP)} and {len(FU)}; add samples or pick another procedure.")
+    g = torch.Generator().manual_seed(seed)
+    draw = TrialDraw(torch.arange(len(FP)).unsqueeze(0), (len(FP) + torch.arange(len(FU))).unsqueeze(0),
+                     (torch.randperm(len(FP), generator=g) % proc.folds).unsqueeze(0), (torch.randperm(len(FU), generator=g) % proc.folds).unsqueeze(0))
+    res = batched_cdi(torch.cat([FP, FU]), FP[:0], draw, k, C, device=device, procedure=proc)
+    out = {"procedure": proc.name, "p": float(res["p"][0]), "t": float(res["t"][0])}
+    if permutations:
+        out["p_permutation"] = permutation_test(FP, FU, permutations, proc, k, C, seed + 1, device)["p"]
+    return out
+
+
+def binomial_upper(trials: int, alpha: float, level: float = 0.95) -> int:
+    """Largest number of false positives out of ``trials`` null runs that is still inside the
+    two-sided ``level`` binomial interval of a test with size ``alpha``."""
+    return int(sps.binom.ppf(1 - (1 - level) / 2, trials, alpha))
+
+
+def null_check(p_null: Tensor, alpha: float, level: float = 0.95) -> dict:
+    """False-positive rate of null p-values at ``alpha`` and whether it lies at most at alpha
+    within the binomial ``level`` interval (the calibration every audit reports)."""
+    trials = int(p_null.numel())
+    fp = int((p_null < alpha).sum())
+    upper = binomial_upper(trials, alpha, level)
+    return {"alpha": alpha, "trials": trials, "false_positives": fp, "false_positive_rate": fp / trials,
+            "upper_allowed": upper, "passed": fp <= upper,
+            "ks_pvalue": float(sps.kstest(p_null.double().numpy(), "uniform").pvalue)}
 
 
 # --------------------------------------------------------------------------- experiments
@@ -278,22 +571,28 @@ def summarize_pvalues(p: Tensor, n_boot: int = 1000, seed: int = 0) -> dict[str,
 
 def pvalue_curve(members: Tensor, nonmembers: Tensor, sizes: list[int], trials: int = 1000, k: int = 5,
                  u_ratio: float = 1.0, contamination: float = 0.0, C: float = 1.0, seed: int = 0,
-                 alpha: float = 0.01, progress: bool = True, device: str = "cpu") -> list[dict]:
+                 alpha: float = 0.01, progress: bool = True, device: str = "cpu", procedure: str = DEFAULT_PROCEDURE) -> list[dict]:
     """Mean CDI p-value per suspect-set size |P| (|U| = round(u_ratio |P|)), each over
     ``trials`` fresh random subsets; sizes that the pools cannot supply are skipped."""
+    proc = make_procedure(procedure, k)
     rows = []
     for n_p in tqdm(sizes, disable=not progress, desc="p-value vs |P|"):
-        n_u = max(k, int(round(u_ratio * n_p)))
+        n_u = max(proc.folds, int(round(u_ratio * n_p)))
         n_bad = int(round(contamination * n_p))
-        if n_p - n_bad > len(members) or n_u + n_bad > len(nonmembers) or n_p < k:
+        if n_p - n_bad > len(members) or n_u + n_bad > len(nonmembers) or min(n_p, n_u) < proc.min_set_size:
             continue
-        draw = draw_trials(len(members), len(nonmembers), n_p, n_u, trials, k, contamination, seed + n_p)
-        res = batched_cdi(members, nonmembers, draw, k, C, device=device)
-        power = ttest_power(res["cohen_d"], n_p, n_u, alpha)
+        draw = draw_trials(len(members), len(nonmembers), n_p, n_u, trials, proc.folds, contamination, seed + n_p)
+        res = batched_cdi(members, nonmembers, draw, k, C, device=device, procedure=proc)
+        n_sp, n_su = _scored_sizes(res)
+        power = ttest_power(res["cohen_d"], n_sp, n_su, alpha)
         rows.append({"n_p": n_p, "n_u": n_u, "contamination": contamination, **summarize_pvalues(res["p"]),
                      "reject_rate": float((res["p"] < alpha).double().mean()),
                      "power_tpr": float(power.mean()), "p_values": res["p"]})
     return rows
+
+
+def _scored_sizes(res: dict) -> tuple[int, int]:
+    return int((~torch.isnan(res["sP"][0])).sum()), int((~torch.isnan(res["sU"][0])).sum())
 
 
 def min_suspect_size(curve: list[dict], alpha: float = 0.01) -> int | None:
@@ -318,13 +617,19 @@ def default_size_grid(max_size: int) -> list[int]:
 
 
 def null_experiment(nonmembers: Tensor, n_p: int, trials: int = 1000, k: int = 5, alpha: float = 0.01,
-                    C: float = 1.0, seed: int = 0, device: str = "cpu") -> dict:
+                    C: float = 1.0, seed: int = 0, device: str = "cpu", procedure: str = DEFAULT_PROCEDURE,
+                    n_u: int | None = None, progress: bool = False) -> dict:
     """False-positive check: P and U both drawn (disjointly) from non-members. The rejection
-    rate at ``alpha`` must stay near ``alpha``."""
+    rate at ``alpha`` must stay at most alpha within its binomial interval (:func:`null_check`)."""
+    proc = make_procedure(procedure, k)
     empty = torch.zeros(0, nonmembers.shape[1], dtype=torch.float64)
-    draw = draw_trials(0, len(nonmembers), n_p, n_p, trials, k, contamination=1.0, seed=seed)
-    res = batched_cdi(empty, nonmembers, draw, k, C, device=device)
-    return {"n_p": n_p, "trials": trials, **summarize_pvalues(res["p"]),
+    n_u = n_p if n_u is None else n_u
+    if min(n_p, n_u) < proc.min_set_size:
+        raise RSGMError(f"the null check of procedure '{proc.name}' needs at least {2 * proc.min_set_size} reference samples "
+                        f"(|P'| and |U'| >= {proc.min_set_size}); got |P'| = {n_p}, |U'| = {n_u}: add reference samples.")
+    draw = draw_trials(0, len(nonmembers), n_p, n_u, trials, proc.folds, contamination=1.0, seed=seed)
+    res = batched_cdi(empty, nonmembers, draw, k, C, device=device, procedure=proc, progress=progress)
+    return {"n_p": n_p, "n_u": n_u, "trials": trials, **summarize_pvalues(res["p"]),
             "false_positive_rate": float((res["p"] < alpha).double().mean()), "p_values": res["p"]}
 
 
