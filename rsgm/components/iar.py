@@ -303,16 +303,14 @@ class MaskedIAR(nn.Module):
         x_t = ab.sqrt() * tokens + (1 - ab).sqrt() * eps
         return (self.head(x_t, t, z) - eps).pow(2).mean(-1)
 
-    def token_losses(self, tokens: Tensor, cond: Tensor, t: int | Tensor, mask: Tensor, draws: int = 1,
-                     generator: torch.Generator | None = None) -> Tensor:
-        """Per-token diffusion loss (B, N) at timestep ``t``, averaged over ``draws`` noise
-        draws; NaN where the token is not masked. One backbone call; the head runs once on
-        all draws together."""
+    def token_losses(self, tokens: Tensor, cond: Tensor, t: int | Tensor, mask: Tensor, eps: Tensor) -> Tensor:
+        """Per-token diffusion loss (B, N) at timestep ``t``, averaged over the noise draws
+        ``eps`` (draws, B, N, D); NaN where the token is not masked. One backbone call; the
+        head runs once on all draws together."""
         z = self.encode(tokens, cond, mask)
-        B, N, D = tokens.shape
-        eps = torch.randn(draws, B, N, D, generator=generator, device=tokens.device)
-        tt = torch.as_tensor(t, device=tokens.device).long().expand(draws, B, N)
-        loss = self.head_loss(tokens.expand(draws, B, N, D), z.expand(draws, B, N, z.shape[-1]), tt, eps).mean(0)
+        K, (B, N, D) = eps.shape[0], tokens.shape
+        tt = torch.as_tensor(t, device=tokens.device).long().expand(K, B, N)
+        loss = self.head_loss(tokens.expand(K, B, N, D), z.expand(K, B, N, z.shape[-1]), tt, eps).mean(0)
         return torch.where(mask, loss, torch.full_like(loss, float("nan")))
 
     def loss(self, images: Tensor, cond: Tensor, train: bool = True) -> Tensor:

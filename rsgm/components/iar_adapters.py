@@ -13,8 +13,9 @@ Masked continuous-token models (MAR, rsgm's masked IAR), ``kind = "masked"``:
 
 * ``tokenize`` / ``decode`` as above, tokens (B, N, D) float;
 * ``random_mask(B, ratio, generator) -> (B, N) bool`` (True = masked);
-* ``token_losses(tokens, cond, t, mask, draws, generator) -> (B, N)``: the per-token diffusion
-  loss of eq. 9.3 at timestep ``t``, averaged over ``draws`` noise draws (NaN where unmasked);
+* ``token_losses(tokens, cond, t, mask, eps) -> (B, N)``: the per-token diffusion loss of
+  eq. 9.3 at timestep ``t``, averaged over the noise draws ``eps`` (draws, B, N, D) (NaN where
+  unmasked); one backbone pass per call;
 * ``complete(tokens, known, cond) -> tokens``: fill the unknown tokens.
 
 Every adapter counts its network calls in ``calls`` (samples passed through the backbone),
@@ -126,10 +127,10 @@ class BuiltinIARTarget(IARTarget):
     def random_mask(self, B: int, ratio, generator=None, device=None) -> Tensor:
         return self.model.random_mask(B, ratio, generator, device)
 
-    def token_losses(self, tokens: Tensor, cond: Tensor, t, mask: Tensor, draws: int = 1, generator=None) -> Tensor:
+    def token_losses(self, tokens: Tensor, cond: Tensor, t, mask: Tensor, eps: Tensor) -> Tensor:
         self.calls["forward"] += tokens.shape[0]
-        self.calls["head"] += tokens.shape[0] * draws
-        return self.model.token_losses(tokens, cond, t, mask, draws, generator)
+        self.calls["head"] += tokens.shape[0] * eps.shape[0]
+        return self.model.token_losses(tokens, cond, t, mask, eps)
 
     def sample(self, cond: Tensor, **kw) -> Tensor:
         return self.model.sample(cond, **kw)
