@@ -168,11 +168,11 @@ class VARTarget(IARTarget):
     """
 
     def __init__(self, code_dir: str, vae_ckpt: str, var_ckpt: str, depth: int = 16, num_classes: int = 1000,
-                 patch_nums: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)) -> None:
+                 patch_nums: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), vocab_size: int = 4096) -> None:
         super().__init__()
         self.code_dir, self.vae_ckpt, self.var_ckpt = code_dir, vae_ckpt, var_ckpt
         self.depth, self._num_classes, self.patch_nums = depth, num_classes, tuple(patch_nums)
-        self.vae = self.var = None
+        self.vocab_size, self.vae, self.var = vocab_size, None, None
 
     def _load(self) -> None:
         code = _require(self.code_dir, "VAR code folder", "clone the VAR repository there (it must hold models/__init__.py with build_vae_var)")
@@ -184,7 +184,7 @@ class VARTarget(IARTarget):
             build = importlib.import_module("models").build_vae_var
         except (ImportError, AttributeError) as e:
             raise RSGMError(f"VAR code at '{code}' has no models.build_vae_var ({e}); point code_dir at a VAR checkout.") from None
-        vae, var = build(V=4096, Cvae=32, ch=160, share_quant_resi=4, device="cpu", patch_nums=self.patch_nums,
+        vae, var = build(V=self.vocab_size, Cvae=32, ch=160, share_quant_resi=4, device="cpu", patch_nums=self.patch_nums,
                          num_classes=self._num_classes, depth=self.depth, shared_aln=False)
         vae.load_state_dict(torch.load(vae_w, map_location="cpu", weights_only=True), strict=True)
         var.load_state_dict(torch.load(var_w, map_location="cpu", weights_only=True), strict=True)
