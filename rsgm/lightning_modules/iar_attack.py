@@ -22,7 +22,7 @@ from rsgm.components.iar_adapters import IARTarget
 from rsgm.metrics.membership import MembershipFeatures
 from rsgm.privacy import iar_extraction as E
 from rsgm.privacy.iar_features import IARFeatureConfig, extract_features
-from rsgm.privacy.iar_utility import fit_digit_classifier, generation_utility
+from rsgm.privacy.iar_utility import dm_generation_utility, fit_digit_classifier, generation_utility
 from rsgm.utils.figures import run_dir
 
 
@@ -127,3 +127,6 @@ class IARAttack(LightningModule):
             clf = fit_digit_classifier(r["images"], r["cond"])
             sigmas = (0.0, *self.cfg.logit_noise) if self.target.kind == "token" else (0.0,)
             r["utility"] = {s: generation_utility(self.target, clf, self.hparams.utility_per_class, s, seed=self.cfg.seed) for s in sigmas}
+            if self.reference_dm is not None:
+                r["dm_utility"] = dm_generation_utility(self.reference_dm, clf, self.hparams.utility_per_class, seed=self.cfg.seed,
+                                                        shape=tuple(r["images"].shape[1:]))["accuracy"]

@@ -32,3 +32,24 @@ def generation_utility(target, clf, per_class: int, sigma: float = 0.0, seed: in
     kw = {"logit_noise": sigma} if target.kind == "token" else {"token_noise": sigma}
     x = target.sample(cond, generator=g, **kw).clamp(-1, 1).cpu()
     return {"accuracy": classifier_accuracy(clf, x, cond), "samples": x, "cond": cond}
+
+
+@torch.no_grad()
+def dm_generation_utility(dm, clf, per_class: int, steps: int = 50, seed: int = 0, num_classes: int = 10,
+                          shape: tuple[int, ...] = (1, 8, 8)) -> dict:
+    """The same utility for a pixel-space diffusion target (the diffusion adapter protocol):
+    deterministic DDIM with ``steps`` steps from pure noise, class-conditional, no CFG."""
+    g = torch.Generator().manual_seed(seed)
+    cond = torch.arange(num_classes).repeat_interleave(per_class)
+    y = dm.encode_cond(cond)
+    ab_all = dm.alphas_cumprod.double().cpu()
+    ts = torch.linspace(len(ab_all) - 1, 0, steps).round().long().tolist()
+    x = torch.randn(len(cond), *shape, generator=g)
+    for i, t in enumerate(ts):
+        ab = ab_all[t]
+        ab_next = ab_all[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0, dtype=torch.float64)
+        eps = dm.eps(x, torch.full((len(x),), t, dtype=torch.long), y).float()
+        x0 = ((x - (1 - ab).sqrt() * eps) / ab.sqrt()).clamp(-1, 1)
+        x = (ab_next.sqrt() * x0 + (1 - ab_next).sqrt() * eps).float()
+    x = x.clamp(-1, 1)
+    return {"accuracy": classifier_accuracy(clf, x, cond), "samples": x, "cond": cond}
