@@ -23,7 +23,7 @@ def run(tmp_path, devices=1, model=None, callbacks=(), **kw):
                       default_root_dir=str(tmp_path), enable_progress_bar=False, enable_model_summary=False,
                       enable_checkpointing=False, callbacks=list(callbacks))
     trainer.test(module, datamodule=data)
-    return torch.load(tmp_path / "iar_features.pt", weights_only=False), module
+    return torch.load(tmp_path / "iar_features.pt", weights_only=True), module
 
 
 def test_module_and_report_end_to_end(tmp_path):
@@ -39,6 +39,13 @@ def test_module_and_report_end_to_end(tmp_path):
     for f in ("mia.csv", "di.csv", "di_null.json", "mitigation.csv", "extraction.json"):
         assert (tmp_path / "iar" / f).is_file(), f
     assert (tmp_path / "plots" / "iar_roc.png").is_file()
+    # the statistics re-run from the saved features without the model
+    cached = IARAttack(target=BuiltinIARTarget(model=RasterIAR(dim=16, depth=1)), features_cache=str(tmp_path / "iar_features.pt"))
+    trainer = Trainer(accelerator="cpu", logger=False, default_root_dir=str(tmp_path / "again"), enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False, callbacks=[IARReport(repeats=3, trials=20, null_trials=50, linear_trials=10)])
+    trainer.test(cached, datamodule=DigitsMembership(n_suspect=30, n_reference=41, batch_size=16))
+    again = json.loads((tmp_path / "again" / "iar" / "summary.json").read_text())
+    assert again["best_cfg_tpr"] == summary["best_cfg_tpr"] and again["di_sum_cond_cfg"] == summary["di_sum_cond_cfg"]
 
 
 def test_masked_target_features(tmp_path):

@@ -74,13 +74,14 @@ class IARReport(Callback):
         mem, non = F[y.bool()], F[~y.bool()]
         cond = [j for j, n in enumerate(names) if n.startswith("cond_")]
         out = {}
-        out["llm_di_linear_cond"], _ = D.min_suspect_size(mem[:, cond], non[:, cond], "linear", trials=self.linear_trials, alpha=self.alpha, seed=self.seed)
+        out["llm_di_linear_cond"], _ = D.min_suspect_size(mem[:, cond], non[:, cond], "linear", trials=self.linear_trials, alpha=self.alpha, seed=self.seed, progress=True)
         out["sum_cond"], _ = D.min_suspect_size(mem[:, cond], non[:, cond], "sum", trials=self.trials, alpha=self.alpha, seed=self.seed)
         out["sum_cond_cfg"], _ = D.min_suspect_size(mem, non, "sum", trials=self.trials, alpha=self.alpha, seed=self.seed)
         return out
 
     def run(self, res: dict, trainer: Trainer, folder) -> dict:
         names, F, y = res["names"], res["features"].double(), res["is_member"]
+        print("IAR report: membership inference ...", flush=True)
         results = self.mia(names, F, y)
         _write_csv(folder / "mia.csv", [{"mia": r.name, "val_tpr": r.val_tpr, "tpr_mean": r.tpr_mean, "tpr_std": r.tpr_std,
                                           "auc_mean": r.auc_mean, "auc_std": r.auc_std} for r in results])
@@ -89,6 +90,7 @@ class IARReport(Callback):
                    "best_cond_mia": bc.name, "best_cond_tpr": bc.tpr_mean, "best_cond_auc": bc.auc_mean,
                    "best_cfg_mia": bt.name, "best_cfg_tpr": bt.tpr_mean, "best_cfg_auc": bt.auc_mean}
         self._roc(trainer, names, F, y, [bc, bt])
+        print("IAR report: dataset inference ...", flush=True)
         di = self.di(names, F, y)
         _write_csv(folder / "di.csv", [{"procedure": k, "min_P": v} for k, v in di.items()])
         summary.update({f"di_{k}": v for k, v in di.items()})
@@ -102,6 +104,7 @@ class IARReport(Callback):
         if "extraction" in res:
             summary.update(self._extraction(trainer, res, folder))
         if res.get("noisy") or res.get("utility"):
+            print("IAR report: mitigation ...", flush=True)
             summary.update(self._mitigation(trainer, res, folder, bt, di))
         if "dm" in res:
             summary.update(self._comparison(trainer, res, folder, bt, di, summary))

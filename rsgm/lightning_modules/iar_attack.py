@@ -35,11 +35,14 @@ class IARAttack(LightningModule):
         utility_per_class: generated digits per class for the utility of each sigma (0: skip).
         reference_dm: optional diffusion target for the IAR-vs-DM table; dm_timesteps: its
             denoising-loss timesteps; dm_label: its name in the table.
+        features_cache: an ``iar_features.pt`` of an earlier run: the statistics re-run without
+            touching the model (extraction and generation are then skipped).
     """
 
     def __init__(self, target: IARTarget, feature_options: dict | None = None, extraction: dict | None = None,
                  utility_per_class: int = 50, reference_dm: nn.Module | None = None,
-                 dm_timesteps: list[int] | None = None, dm_label: str = "DM", label: str = "IAR") -> None:
+                 dm_timesteps: list[int] | None = None, dm_label: str = "DM", label: str = "IAR",
+                 features_cache: str | None = None) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["target", "reference_dm"])
         opts = dict(feature_options or {})
@@ -54,6 +57,8 @@ class IARAttack(LightningModule):
         self.results: dict | None = None
 
     def setup(self, stage: str) -> None:
+        if self.hparams.features_cache:
+            return
         self.target.load()
         if self.reference_dm is not None:
             self.reference_dm.load()
@@ -61,6 +66,8 @@ class IARAttack(LightningModule):
             raise ValueError("logit_noise (the logit mitigation) applies to token models only; remove it for a masked (MAR-style) target.")
 
     def test_step(self, batch, batch_idx):
+        if self.hparams.features_cache:
+            return None
         x, cond, index = batch["x"], batch["cond"], batch["index"]
         out = extract_features(self.target, x, cond, index, self.cfg)
         self.names = list(out["features"])
@@ -92,6 +99,15 @@ class IARAttack(LightningModule):
         return torch.stack(cols, 1).double()
 
     def on_test_epoch_end(self) -> None:
+        if self.hparams.features_cache:
+            from pathlib import Path
+
+            from rsgm.errors import RSGMError
+
+            if not Path(self.hparams.features_cache).is_file():
+                raise RSGMError(f"features cache '{self.hparams.features_cache}' not found: pass the iar_features.pt of an earlier `rsgm test` run.")
+            self.results = torch.load(self.hparams.features_cache, map_location="cpu", weights_only=True)
+            return
         res = self.collected.compute()
         aux = self.aux.compute()["features"].cpu()
         n_pix = self.trainer.datamodule.dataset[0]["x"].numel()
@@ -111,7 +127,8 @@ class IARAttack(LightningModule):
         if self.trainer.is_global_zero:
             self._generate_parts()
             run_dir(self.trainer).mkdir(parents=True, exist_ok=True)
-            torch.save({k: v for k, v in self.results.items() if k != "extraction"}, run_dir(self.trainer) / "iar_features.pt")
+            skip = ("extraction", "extraction_originals")
+            torch.save({k: v for k, v in self.results.items() if k not in skip}, run_dir(self.trainer) / "iar_features.pt")
 
     def _generate_parts(self) -> None:
         """Extraction and generation utility: the steps that call the network again."""
