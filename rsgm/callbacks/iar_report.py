@@ -47,8 +47,10 @@ def best_of(results: list[M.MIAResult], prefix: str) -> M.MIAResult | None:
 
 class IARReport(Callback):
     def __init__(self, repeats: int = 100, fpr: float = 0.01, val_fraction: float = 0.3, trials: int = 1000,
-                 alpha: float = 0.01, null_trials: int = 1000, linear_trials: int | None = None, seed: int = 0) -> None:
+                 alpha: float = 0.01, null_trials: int = 1000, linear_trials: int | None = None,
+                 mitigation_repeats: int | None = None, seed: int = 0) -> None:
         self.repeats, self.fpr, self.val_fraction, self.seed = repeats, fpr, val_fraction, seed
+        self.mitigation_repeats = mitigation_repeats or repeats
         self.trials, self.alpha, self.null_trials = trials, alpha, null_trials
         self.linear_trials = linear_trials or trials
 
@@ -66,9 +68,9 @@ class IARReport(Callback):
 
     # ------------------------------------------------------------------ parts
 
-    def mia(self, names, F, y, tag: str = "") -> list[M.MIAResult]:
+    def mia(self, names, F, y, repeats: int | None = None) -> list[M.MIAResult]:
         val = M.validation_mask(y, self.val_fraction, self.seed)
-        return M.select_and_evaluate(names, F, y, val, self.repeats, self.fpr, self.seed)
+        return M.select_and_evaluate(names, F, y, val, repeats or self.repeats, self.fpr, self.seed)
 
     def di(self, names, F, y) -> dict:
         mem, non = F[y.bool()], F[~y.bool()]
@@ -146,7 +148,7 @@ class IARReport(Callback):
         rows = [{"sigma": 0.0, "mia": best_cfg.name, "tpr": best_cfg.tpr_mean, "di_min_P": di["sum_cond_cfg"],
                  "utility_accuracy": util.get(0.0, {}).get("accuracy")}]
         for sigma, Fs in res.get("noisy", {}).items():
-            b = best_of(self.mia(names, Fs.double(), y), "cfg_")
+            b = best_of(self.mia(names, Fs.double(), y, self.mitigation_repeats), "cfg_")
             size, _ = D.min_suspect_size(Fs[y.bool()].double(), Fs[~y.bool()].double(), "sum", trials=self.trials, alpha=self.alpha, seed=self.seed)
             rows.append({"sigma": sigma, "mia": b.name, "tpr": b.tpr_mean, "di_min_P": size, "utility_accuracy": util.get(sigma, {}).get("accuracy")})
         _write_csv(folder / "mitigation.csv", rows)

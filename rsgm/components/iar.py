@@ -94,10 +94,15 @@ class TokenIAR(nn.Module):
     def null_class(self) -> int:
         return self.num_classes
 
+    # A raster model may be run on a prefix of the sequence (causal attention); a next-scale
+    # model needs whole scales, so it always runs on the full sequence.
+    prefix_ok = False
+
     def logits(self, tokens: Tensor, cond: Tensor) -> Tensor:
         """Teacher-forced logits (B, N, V): position n is p(t_n | t_<n, cond); one network call."""
-        h = self._inputs(tokens, self.cond.emb(cond)) + self.pos
-        return self.head(self.backbone(h, self.attn_mask))
+        h = self._inputs(tokens, self.cond.emb(cond))
+        L = h.shape[1]
+        return self.head(self.backbone(h + self.pos[:L], self.attn_mask[:L, :L]))
 
     def loss(self, images: Tensor, cond: Tensor, train: bool = True) -> Tensor:
         tokens = self.tokenize(images)
@@ -121,9 +126,10 @@ class TokenIAR(nn.Module):
         for a, b in self._steps():
             if b <= n0:
                 continue
-            lg = self.logits(tokens, cond)[:, a:b]
+            seen = tokens[:, :b] if self.prefix_ok else tokens  # causal: later positions cannot matter
+            lg = self.logits(seen, cond)[:, a:b]
             if cfg:
-                lg = lg + cfg * (lg - self.logits(tokens, torch.full_like(cond, self.null_class))[:, a:b])
+                lg = lg + cfg * (lg - self.logits(seen, torch.full_like(cond, self.null_class))[:, a:b])
             if logit_noise:
                 lg = lg + logit_noise * torch.randn(lg.shape, generator=generator, device=lg.device)
             if temperature == 0:
@@ -143,6 +149,8 @@ class TokenIAR(nn.Module):
 
 class RasterIAR(TokenIAR):
     """Next-token prediction over the 64 pixel tokens in raster order (causal attention)."""
+
+    prefix_ok = True
 
     @property
     def seq_len(self) -> int:

@@ -231,7 +231,7 @@ def repeated_evaluation(scores: Tensor, is_member: Tensor, repeats: int = 100, f
                         fpr: float = 0.01, seed: int = 0) -> tuple[Tensor, Tensor]:
     """TPR@FPR and AUC over ``repeats`` random subsets (``fraction`` of members and of
     non-members each time). Returns the two (repeats,) tensors."""
-    from rsgm.metrics.membership import membership_auc, tpr_at_fpr
+    from rsgm.metrics.membership import membership_roc
 
     s, y = fill_nan_low(scores), is_member.bool()
     pos, neg = torch.nonzero(y).flatten(), torch.nonzero(~y).flatten()
@@ -240,8 +240,9 @@ def repeated_evaluation(scores: Tensor, is_member: Tensor, repeats: int = 100, f
     for _ in range(repeats):
         idx = torch.cat([pos[torch.randperm(len(pos), generator=g)[: max(1, int(fraction * len(pos)))]],
                          neg[torch.randperm(len(neg), generator=g)[: max(1, int(fraction * len(neg)))]]])
-        tprs.append(tpr_at_fpr(s[idx], y[idx], fpr))
-        aucs.append(membership_auc(s[idx], y[idx]))
+        f, t, _ = membership_roc(s[idx], y[idx])  # one exact ROC gives both (as tpr_at_fpr / membership_auc)
+        tprs.append(t[f <= fpr + 1e-12].max())
+        aucs.append(torch.trapezoid(t, f))
     return torch.stack(tprs), torch.stack(aucs)
 
 
