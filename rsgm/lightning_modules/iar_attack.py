@@ -1,0 +1,149 @@
+"""Privacy audit of an image autoregressive model (thesis ch. 9): MIAs, dataset inference,
+extraction and the noise mitigation, ``rsgm test --config configs/iar_mia_digits.yaml``.
+
+``test_step`` extracts every MIA feature of each sample of P and U through the target
+adapter (:mod:`rsgm.privacy.iar_features`: two passes per sample, conditional and null),
+plus the features under each mitigation noise level and what extraction needs (candidate
+distance, tokens, image, class). "cat" metrics gather them across DDP ranks, de-duplicated
+by sample index. At test end, rank 0 runs the extraction attack and the generation utility
+(the only steps that need the network again) and leaves everything in ``self.results``;
+:class:`rsgm.callbacks.iar_report.IARReport` computes the tables and figures from it.
+An optional ``reference_dm`` (a diffusion adapter) adds the built-in DM's loss features for
+the IAR-vs-DM comparison.
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+
+from rsgm.components.iar_adapters import IARTarget
+from rsgm.metrics.membership import MembershipFeatures
+from rsgm.privacy import iar_extraction as E
+from rsgm.privacy.iar_features import IARFeatureConfig, extract_features
+from rsgm.privacy.iar_utility import dm_generation_utility, fit_digit_classifier, generation_utility
+from rsgm.utils.figures import run_dir
+
+
+class IARAttack(LightningModule):
+    """Args:
+        target: the audited IAR behind the adapter protocol.
+        feature_options: overrides of :class:`IARFeatureConfig` (ks, mask_ratio, timestep, draws,
+            logit_noise = the mitigation sigma grid, seed).
+        extraction: {per_class, prefix_len, sscd_path} or null to skip (token models only).
+        utility_per_class: generated digits per class for the utility of each sigma (0: skip).
+        reference_dm: optional diffusion target for the IAR-vs-DM table; dm_timesteps: its
+            denoising-loss timesteps; dm_label: its name in the table.
+        features_cache: an ``iar_features.pt`` of an earlier run: the statistics re-run without
+            touching the model (extraction and generation are then skipped).
+    """
+
+    def __init__(self, target: IARTarget, feature_options: dict | None = None, extraction: dict | None = None,
+                 utility_per_class: int = 50, reference_dm: nn.Module | None = None,
+                 dm_timesteps: list[int] | None = None, dm_label: str = "DM", label: str = "IAR",
+                 features_cache: str | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["target", "reference_dm"])
+        opts = dict(feature_options or {})
+        opts["logit_noise"] = tuple(opts.get("logit_noise", ()))
+        self.cfg = IARFeatureConfig(**opts)
+        self.target, self.reference_dm = target, reference_dm
+        self.collected = MembershipFeatures()
+        self.noisy = nn.ModuleList(MembershipFeatures() for _ in self.cfg.logit_noise)
+        self.aux = MembershipFeatures()  # distance, class, image pixels, tokens per sample
+        self.dm = MembershipFeatures()
+        self.names: list[str] | None = None
+        self.results: dict | None = None
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.features_cache:
+            return
+        self.target.load()
+        if self.reference_dm is not None:
+            self.reference_dm.load()
+        if self.cfg.logit_noise and self.target.kind != "token":
+            raise ValueError("logit_noise (the logit mitigation) applies to token models only; remove it for a masked (MAR-style) target.")
+
+    def test_step(self, batch, batch_idx):
+        if self.hparams.features_cache:
+            return None
+        x, cond, index = batch["x"], batch["cond"], batch["index"]
+        out = extract_features(self.target, x, cond, index, self.cfg)
+        self.names = list(out["features"])
+        stack = lambda d: torch.stack([d[n] for n in self.names], 1)
+        args = (batch["is_member"], index, batch.get("in_suspect"))
+        self.collected.update(stack(out["features"]), *args)
+        for metric, sigma in zip(self.noisy, self.cfg.logit_noise):
+            metric.update(stack(out["noisy"][sigma]), *args)
+        aux = torch.cat([out["distance"].view(-1, 1), cond.view(-1, 1).double(), x.flatten(1).double(), out["tokens"].flatten(1).double()], 1)
+        self.aux.update(aux, *args)
+        if self.reference_dm is not None:
+            self.dm.update(self._dm_features(x, cond, index), *args)
+
+    @torch.no_grad()
+    def _dm_features(self, x, cond, index):
+        """Minus the DM's denoising loss at each of ``dm_timesteps`` (one noise draw per sample
+        and timestep, seeded by the sample index), higher = member."""
+        from rsgm.privacy.iar_features import _noise_like
+
+        dm, ts = self.reference_dm, self.hparams.dm_timesteps or [100, 200, 300, 400, 500]
+        z = dm.encode(x)
+        y = dm.encode_cond(cond)
+        cols = []
+        for j, t in enumerate(ts):
+            eps = _noise_like(z.shape[1:], index, self.cfg.seed, 500 + j).to(z)
+            ab = dm.alphas_cumprod[t]
+            tt = torch.full((len(z),), t, dtype=torch.long, device=z.device)
+            cols.append(-(dm.eps(ab.sqrt() * z + (1 - ab).sqrt() * eps, tt, y) - eps).pow(2).flatten(1).mean(1))
+        return torch.stack(cols, 1).double()
+
+    def on_test_epoch_end(self) -> None:
+        if self.hparams.features_cache:
+            from pathlib import Path
+
+            from rsgm.errors import RSGMError
+
+            if not Path(self.hparams.features_cache).is_file():
+                raise RSGMError(f"features cache '{self.hparams.features_cache}' not found: pass the iar_features.pt of an earlier `rsgm test` run.")
+            self.results = torch.load(self.hparams.features_cache, map_location="cpu", weights_only=True)
+            return
+        res = self.collected.compute()
+        aux = self.aux.compute()["features"].cpu()
+        n_pix = self.trainer.datamodule.dataset[0]["x"].numel()
+        shape = self.trainer.datamodule.dataset[0]["x"].shape
+        self.results = {"names": self.names, **{k: v.cpu() for k, v in res.items()}, "label": self.hparams.label,
+                        "kind": self.target.kind, "config": vars(self.cfg),
+                        "noisy": {s: m.compute()["features"].cpu() for s, m in zip(self.cfg.logit_noise, self.noisy)},
+                        "distance": aux[:, 0], "cond": aux[:, 1].long(), "images": aux[:, 2:2 + n_pix].float().view(-1, *shape),
+                        "calls": dict(self.target.calls)}
+        tokens = aux[:, 2 + n_pix:]
+        self.results["tokens"] = tokens.long() if self.target.kind == "token" else tokens.float()
+        if self.reference_dm is not None:
+            self.results["dm"] = {"label": self.hparams.dm_label, "features": self.dm.compute()["features"].cpu(),
+                                  "names": [f"dm_loss_t{t}" for t in (self.hparams.dm_timesteps or [100, 200, 300, 400, 500])]}
+        for m in [self.collected, self.aux, self.dm, *self.noisy]:
+            m.reset()
+        if self.trainer.is_global_zero:
+            self._generate_parts()
+            run_dir(self.trainer).mkdir(parents=True, exist_ok=True)
+            skip = ("extraction", "extraction_originals")
+            torch.save({k: v for k, v in self.results.items() if k not in skip}, run_dir(self.trainer) / "iar_features.pt")
+
+    def _generate_parts(self) -> None:
+        """Extraction and generation utility: the steps that call the network again."""
+        r, opts = self.results, self.hparams.extraction
+        if opts is not None and self.target.kind == "token":
+            member, val = r["is_member"].bool(), ~r["is_member"].bool()
+            part = lambda m: {"images": r["images"][m], "tokens": r["tokens"][m], "cond": r["cond"][m], "distance": r["distance"][m]}
+            sim = E.load_sscd(opts.get("sscd_path"))
+            ext = E.extract(self.target, part(member), part(val), opts.get("per_class", 5), opts.get("prefix_len", 16), sim)
+            r["extraction"] = ext
+            r["extraction_originals"] = r["images"][member][ext.extracted]
+        if self.hparams.utility_per_class:
+            clf = fit_digit_classifier(r["images"], r["cond"])
+            sigmas = (0.0, *self.cfg.logit_noise) if self.target.kind == "token" else (0.0,)
+            r["utility"] = {s: generation_utility(self.target, clf, self.hparams.utility_per_class, s, seed=self.cfg.seed) for s in sigmas}
+            if self.reference_dm is not None:
+                r["dm_utility"] = dm_generation_utility(self.reference_dm, clf, self.hparams.utility_per_class, seed=self.cfg.seed,
+                                                        shape=tuple(r["images"].shape[1:]))["accuracy"]

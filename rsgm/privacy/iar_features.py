@@ -1,0 +1,91 @@
+"""Per-sample MIA features of an IAR target, in at most two network passes per sample per draw.
+
+The target follows the protocol of :mod:`rsgm.components.iar_adapters` (duck-typed here:
+privacy code never imports a model). For a token model one batch costs exactly two
+teacher-forced passes, with the true class and with the null class; every MIA (§6.2) is
+computed from the conditional logits (``cond_*``) and from the CFG difference
+``logits_cond - logits_null`` (``cfg_*``, §6.3). For a MAR-style model one backbone pass per
+class gives the per-token diffusion loss at mask ratio 0.95 and timestep t = 500, averaged
+over 64 noise draws that the small head evaluates together (§6.4); ``cfg_*`` uses
+``loss_null - loss_cond`` per token.
+
+All randomness (masks, diffusion noise, mitigation noise) is drawn per sample from a
+generator seeded by the sample's index, so the features do not depend on how samples are
+batched or split across DDP ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from rsgm.privacy.iar_mia import KS, SURP_ENTROPIES, MIAConfig, logit_features, loss_features
+
+
+@dataclass
+class IARFeatureConfig:
+    ks: tuple[float, ...] = KS
+    surp_entropies: tuple[float, ...] = SURP_ENTROPIES
+    mask_ratio: float = 0.95
+    timestep: int = 500
+    draws: int = 64
+    logit_noise: tuple[float, ...] = field(default_factory=tuple)  # mitigation: sigma grid (token models)
+    seed: int = 0
+
+    @property
+    def mia(self) -> MIAConfig:
+        return MIAConfig(tuple(self.ks), tuple(self.surp_entropies))
+
+
+def per_sample_generator(index: int, seed: int, salt: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + int(index)) * 7 + salt)
+
+
+def _noise_like(shape: tuple[int, ...], index: Tensor, seed: int, salt: int) -> Tensor:
+    """(B, *shape) standard normal noise, row b drawn from the generator of sample index[b]."""
+    return torch.stack([torch.randn(shape, generator=per_sample_generator(i, seed, salt)) for i in index.tolist()])
+
+
+def _prefixed(prefix: str, feats: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {f"{prefix}_{k}": v for k, v in feats.items()}
+
+
+@torch.no_grad()
+def token_model_features(target, x: Tensor, cond: Tensor, index: Tensor, cfg: IARFeatureConfig) -> dict:
+    """Features of a token model. Returns ``{"features": {name: (B,)}, "noisy": {sigma:
+    {name: (B,)}}, "tokens": (B, N), "distance": (B,)}``; ``distance`` is the extraction
+    candidate distance d(t, t_hat) = 100 - 100 * mean(argmax == t) of the conditional pass."""
+    tokens = target.tokenize(x)
+    lc = target.logits(tokens, cond).double()
+    ln = target.logits(tokens, target.null_cond(len(cond), cond.device)).double()
+    feats = _prefixed("cond", logit_features(lc, tokens, cfg.mia)) | _prefixed("cfg", logit_features(lc - ln, tokens, cfg.mia))
+    noisy = {}
+    for j, sigma in enumerate(cfg.logit_noise):
+        # The defender perturbs every logit it returns: both passes get independent noise.
+        nc = lc + sigma * _noise_like(lc.shape[1:], index, cfg.seed, 2 * j + 1).to(lc)
+        nn_ = ln + sigma * _noise_like(ln.shape[1:], index, cfg.seed, 2 * j + 2).to(ln)
+        noisy[sigma] = _prefixed("cond", logit_features(nc, tokens, cfg.mia)) | _prefixed("cfg", logit_features(nc - nn_, tokens, cfg.mia))
+    distance = 100 - 100 * (lc.argmax(-1) == tokens).double().mean(-1)
+    return {"features": feats, "noisy": noisy, "tokens": tokens, "distance": distance}
+
+
+@torch.no_grad()
+def masked_model_features(target, x: Tensor, cond: Tensor, index: Tensor, cfg: IARFeatureConfig) -> dict:
+    """Features of a MAR-style model: loss, zlib, min-k% and CAMIA on minus the per-token
+    diffusion loss (mask ratio ``cfg.mask_ratio``, timestep ``cfg.timestep``, ``cfg.draws``
+    noise draws), conditional and CFG difference; the same mask and noise for both classes."""
+    tokens = target.tokenize(x)
+    B, N, D = tokens.shape
+    masks = torch.stack([target.random_mask(1, cfg.mask_ratio, generator=per_sample_generator(i, cfg.seed, 101))[0] for i in index.tolist()]).to(tokens.device)
+    eps = _noise_like((cfg.draws, N, D), index, cfg.seed, 102).transpose(0, 1).contiguous().to(tokens)
+    loss_c = target.token_losses(tokens, cond, cfg.timestep, masks, eps).double()
+    loss_n = target.token_losses(tokens, target.null_cond(B, cond.device), cfg.timestep, masks, eps).double()
+    feats = _prefixed("cond", loss_features(-loss_c, tokens, cfg.mia)) | _prefixed("cfg", loss_features(loss_n - loss_c, tokens, cfg.mia))
+    return {"features": feats, "noisy": {}, "tokens": tokens.flatten(1), "distance": torch.full((B,), float("nan"), dtype=torch.float64)}
+
+
+def extract_features(target, x: Tensor, cond: Tensor, index: Tensor, cfg: IARFeatureConfig) -> dict:
+    fn = token_model_features if target.kind == "token" else masked_model_features
+    return fn(target, x, cond, index, cfg)
