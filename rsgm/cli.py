@@ -234,6 +234,10 @@ class RSGMCLI(LightningCLI):
                                                  enable_version_counter=False))
             wandb_id = logger.version if isinstance(logger, WandbLogger) else None
             callbacks += [TimeEstimate(), RunGuard(path / "checkpoints", self.argv, wandb_id)]
+        elif not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+            # validate/test/predict save nothing; Lightning's default ModelCheckpoint would only
+            # warn "dirpath has changed" when it restores the fit's checkpoint state.
+            kwargs["enable_checkpointing"] = False
         kwargs["callbacks"] = callbacks
         if trainer_cfg.get("enable_model_summary") is None:
             # Lightning's table ends in "Total FLOPs: 0" for models without an example input;
