@@ -238,6 +238,8 @@ class RSGMCLI(LightningCLI):
             # validate/test/predict save nothing; Lightning's default ModelCheckpoint would only
             # warn "dirpath has changed" when it restores the fit's checkpoint state.
             kwargs["enable_checkpointing"] = False
+            # ... and the fit's training-only callbacks (checkpointing, time estimate) are not needed here
+            warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint need to be provided.*")
         kwargs["callbacks"] = callbacks
         if trainer_cfg.get("enable_model_summary") is None:
             # Lightning's table ends in "Total FLOPs: 0" for models without an example input;
