@@ -244,6 +244,12 @@ class RSGMCLI(LightningCLI):
                                                  enable_version_counter=False))
             wandb_id = logger.version if isinstance(logger, WandbLogger) else None
             callbacks += [TimeEstimate(), RunGuard(path / "checkpoints", self.argv, wandb_id)]
+        elif not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+            # validate/test/predict save nothing; Lightning's default ModelCheckpoint would only
+            # warn "dirpath has changed" when it restores the fit's checkpoint state.
+            kwargs["enable_checkpointing"] = False
+            # ... and the fit's training-only callbacks (checkpointing, time estimate) are not needed here
+            warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint need to be provided.*")
         # -- ZDC simulated showers: attach the prediction writer for `rsgm predict --output X`
         if self.subcommand == "predict" and self._get(self.config, "output"):
             from rsgm.callbacks.prediction_writer import ZDCPredictionWriter

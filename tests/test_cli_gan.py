@@ -150,5 +150,4 @@ def test_ctrl_c_saves_a_checkpoint_and_the_printed_command_resumes_the_same_run(
     assert run_dirs(tmp_path) == [run] and (run / "wandb_id").read_text() == wandb_id
     # both pieces are offline runs of the one W&B run id
     assert {p.name.rsplit("-", 1)[1] for p in (run / "wandb").glob("offline-run-*")} == {wandb_id}
-    assert len(list((run / "wandb").glob("offline-run-*"))) == 2
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
