@@ -218,7 +218,7 @@ def test_sd14_config_runs_end_to_end_on_tiny_components(tmp_path, monkeypatch, c
     overlay = tmp_path / "light.yaml"  # one cheap classifier fit: the classifiers have their own tests
     overlay.write_text("trainer:\n  callbacks:\n    - class_path: rsgm.callbacks.laionmi.LaionMIReport\n      init_args:\n"
                        "        classifiers: [lr]\n        classifier_fits: 1\n        classifier_methods: [reversed_noising]\n")
-    main(["test", "--config", cfg, "--config", str(overlay), *COMMON])
+    main(["test", "--config", cfg, "--config", str(overlay), "--run_name", "laionmi_sd14", *COMMON])
     out = capsys.readouterr().out
     assert "LAION-mi members: 12 rows, 12 images cached, 0 missing" in out and "reversed_noising" in out
     run = next((tmp_path / "runs" / "laionmi_sd14").iterdir())
