@@ -178,30 +178,47 @@ def _tiny_laionmi(root, n=12, size=16):
             Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(p, format="PNG")
 
 
-def test_sd14_config_stops_with_one_line_then_runs_on_tiny_components(tmp_path, monkeypatch, capsys):
+COMMON = ["--logger", "none", "--trainer.accelerator", "cpu", "--data.image_size", "16", "--data.attack_size", "12",
+          "--data.subsets", "3", "--data.subset_size", "4", "--data.batch_size", "12",
+          "--model.init_args.passes", "1", "--model.init_args.generation_steps", "3"]
+
+
+def test_sd14_config_without_tables_or_weights_stops_with_one_line(tmp_path, monkeypatch):
     from rsgm.cli import main
     from rsgm.components.sd_adapter import StableDiffusionTarget, save_tiny_stable_diffusion
     from rsgm.errors import RSGMError
 
     cfg = os.path.abspath("configs/laionmi_sd14.yaml")
     monkeypatch.chdir(tmp_path)
-    common = ["--logger", "none", "--trainer.accelerator", "cpu", "--data.image_size", "16", "--data.attack_size", "12",
-              "--data.subsets", "3", "--data.subset_size", "4", "--data.batch_size", "12",
-              "--model.init_args.passes", "1", "--model.init_args.generation_steps", "3"]
     with pytest.raises(RSGMError, match=r"LAION-mi members table 'data/laionmi/members.parquet' not found: put the published members parquet"):
-        main(["test", "--config", cfg, *common])
+        main(["test", "--config", cfg, *COMMON])
     _tiny_laionmi(tmp_path)
     with pytest.raises(RSGMError, match=r"Stable Diffusion folder 'models/stable-diffusion-v1-4' not found: put the diffusers folder of Stable Diffusion v1.4"):
-        main(["test", "--config", cfg, *common])
+        main(["test", "--config", cfg, *COMMON])
     save_tiny_stable_diffusion(tmp_path / "models" / "stable-diffusion-v1-4")
     (tmp_path / "models" / "stable-diffusion-v1-4" / "vae" / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(RSGMError, match="is incomplete"):
         StableDiffusionTarget("models/stable-diffusion-v1-4").load()
+    with pytest.raises(RSGMError, match="lacks tokenizer/"):
+        import shutil
+
+        shutil.rmtree(tmp_path / "models" / "stable-diffusion-v1-4" / "tokenizer")
+        StableDiffusionTarget("models/stable-diffusion-v1-4").load()
+
+
+@pytest.mark.slow
+def test_sd14_config_runs_end_to_end_on_tiny_components(tmp_path, monkeypatch, capsys):
+    from rsgm.cli import main
+    from rsgm.components.sd_adapter import save_tiny_stable_diffusion
+
+    cfg = os.path.abspath("configs/laionmi_sd14.yaml")
+    monkeypatch.chdir(tmp_path)
+    _tiny_laionmi(tmp_path)
     save_tiny_stable_diffusion(tmp_path / "models" / "stable-diffusion-v1-4")
     overlay = tmp_path / "light.yaml"  # one cheap classifier fit: the classifiers have their own tests
     overlay.write_text("trainer:\n  callbacks:\n    - class_path: rsgm.callbacks.laionmi.LaionMIReport\n      init_args:\n"
                        "        classifiers: [lr]\n        classifier_fits: 1\n        classifier_methods: [reversed_noising]\n")
-    main(["test", "--config", cfg, "--config", str(overlay), *common])
+    main(["test", "--config", cfg, "--config", str(overlay), "--run_name", "laionmi_sd14", *COMMON])
     out = capsys.readouterr().out
     assert "LAION-mi members: 12 rows, 12 images cached, 0 missing" in out and "reversed_noising" in out
     run = next((tmp_path / "runs" / "laionmi_sd14").iterdir())

@@ -148,10 +148,10 @@ def test_per_host_rate_limit_spaces_requests(server, tmp_path):
     import asyncio
 
     urls = [server.base + f"/img/{i}" for i in range(4)]
-    asyncio.run(fetch_all(urls, tmp_path / "c", _cfg(concurrency=4, host_interval=0.15), progress=False))
+    asyncio.run(fetch_all(urls, tmp_path / "c", _cfg(concurrency=4, host_interval=0.3), progress=False))
     # Request arrivals at the one host are spaced by the interval, whatever the concurrency.
     gaps = np.diff(sorted(server.starts))
-    assert len(gaps) == 3 and gaps.min() >= 0.12
+    assert len(gaps) == 3 and gaps.min() >= 0.2  # 0.3 s apart, less scheduling jitter
 
 
 def _tables(tmp_path, n_m=8, n_nm=10, base="http://127.0.0.1:9"):

@@ -52,6 +52,11 @@ def test_multi_target_attack_uses_each_targets_own_labels(tmp_path):
     dm.setup()
     lab = torch.stack([r["membership"] for r in dm.rows])
     assert (lab[:, 0] == 1).sum() == 40 and (lab[:, 0] == 0).sum() == 60 and (lab[:, 1] == 1).sum() == 30
+    capped = DigitsPitfallMembership(paths, max_per_class=25)
+    capped.setup()
+    lab_c = torch.stack([r["membership"] for r in capped.rows])
+    assert [(lab_c[:, k] == v).sum().item() for k in (0, 1) for v in (1, 0)] == [25, 25, 25, 25]
+    assert ((lab_c == 1) <= (lab == 1)).all() and ((lab_c == 0) <= (lab == 0)).all()  # a subset, same labels
     targets = {k: PixelUNetTarget(path=str(tmp_path / k)) for k in splits}
     model = LaionMIAttack(targets, methods=["baseline_loss", "reversed_noising", "generation_black_box"], passes=1,
                           generation_steps=2, subsets=5, subset_size=20)

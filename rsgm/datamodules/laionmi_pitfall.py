@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
@@ -48,11 +49,14 @@ def _read_split(path: str) -> dict[str, list[int]]:
 class DigitsPitfallMembership(LightningDataModule):
     """Args:
         splits: target name -> its ``membership.json`` (same order as the attack's targets).
+        max_per_class: evaluate at most this many members and non-members per target
+            (a seeded random subset; the rest are labelled -1), to bound the cost.
     """
 
-    def __init__(self, splits: dict[str, str], image_size: int = 8, batch_size: int = 256) -> None:
+    def __init__(self, splits: dict[str, str], max_per_class: int | None = None, image_size: int = 8, batch_size: int = 256,
+                 seed: int = 0) -> None:
         super().__init__()
-        self.splits, self.image_size, self.batch_size = splits, image_size, batch_size
+        self.splits, self.max_per_class, self.image_size, self.batch_size, self.seed = splits, max_per_class, image_size, batch_size, seed
         self.rows: list[dict] | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -60,10 +64,14 @@ class DigitsPitfallMembership(LightningDataModule):
             return
         x, y = digits_images(self.image_size)
         lab = torch.full((len(x), len(self.splits)), -1, dtype=torch.long)
+        rng = np.random.default_rng(self.seed)
         for k, path in enumerate(self.splits.values()):
             s = _read_split(path)
-            lab[s["members"], k] = 1
-            lab[s["nonmembers"], k] = 0
+            for value, key in ((1, "members"), (0, "nonmembers")):
+                idx = np.asarray(s[key])
+                if self.max_per_class is not None and len(idx) > self.max_per_class:
+                    idx = rng.choice(idx, self.max_per_class, replace=False)  # a seeded random subset
+                lab[torch.as_tensor(idx), k] = value
         self.rows = [{"x": x[i], "cond": y[i], "membership": lab[i], "is_member": int(lab[i, 0]), "index": i} for i in range(len(x))]
 
     def test_dataloader(self) -> DataLoader:
