@@ -49,7 +49,8 @@ def test_ddp_two_processes_give_the_same_features(tmp_path):
 def test_callbacks_and_features_cache(tmp_path, capsys):
     cbs = [MembershipMetrics(), DatasetInference(trials=20, null_trials=50, contamination_ratios=[0.0, 1.0], contamination_trials=10, ablation_trials=10,
                                                  permutations=20)]
-    first = run(tmp_path / "a", 1, cbs)
+    first = run(tmp_path / "a", 1, cbs, features_cache=str(tmp_path / "cache.safetensors"))  # absent: extracted, then written there
+    assert torch.equal(load_features_cache(tmp_path / "cache.safetensors")["features"], first["features"])
     summary = json.loads((tmp_path / "a" / "cdi" / "summary.json").read_text())
     assert summary["n_members"] == 15 and summary["n_nonmembers"] == 16 and 0 <= summary["null_false_positive_rate"] <= 1
     assert summary["procedure"] == "sequential_stratified" and summary["null_trials"] == 50 and summary["null_n_p"] == 8
@@ -61,7 +62,7 @@ def test_callbacks_and_features_cache(tmp_path, capsys):
     ablation = (tmp_path / "a" / "cdi" / "ablation.csv").read_text()
     assert "existing+gm" in ablation and "all_gray_box" in ablation
     # Re-analysis from the cache: the model folder does not exist, identical statistics.
-    run(tmp_path / "b", 1, cbs, target=PixelUNetTarget(path=str(tmp_path / "no_model")), features_cache=str(tmp_path / "a" / "features.safetensors"))
+    run(tmp_path / "b", 1, cbs, target=PixelUNetTarget(path=str(tmp_path / "no_model")), features_cache=str(tmp_path / "cache.safetensors"))
     again = json.loads((tmp_path / "b" / "cdi" / "summary.json").read_text())
     assert again == summary
     out = capsys.readouterr().out
