@@ -28,7 +28,7 @@ def tiny_target():
 def run(tmp_path, devices, callbacks=(), **kw):
     torch.set_num_threads(1)
     model = DiffusionAttack(target=kw.pop("target", tiny_target()), feature_options=OPTIONS, **kw)
-    data = DigitsMembership(n_suspect=15, n_reference=16, batch_size=6)
+    data = DigitsMembership(n_suspect=15, n_reference=20, batch_size=6)
     trainer = Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto", logger=False,
                       default_root_dir=str(tmp_path), enable_progress_bar=False, enable_model_summary=False,
                       enable_checkpointing=False, callbacks=list(callbacks))
@@ -39,8 +39,8 @@ def run(tmp_path, devices, callbacks=(), **kw):
 
 def test_ddp_two_processes_give_the_same_features(tmp_path):
     one = run(tmp_path / "one", 1)
-    two = run(tmp_path / "two", 2)  # 31 samples over 2 ranks: the sampler pads one duplicate
-    assert one["names"] == two["names"] and len(one["index"]) == 31
+    two = run(tmp_path / "two", 2)  # 35 samples over 2 ranks: the sampler pads one duplicate
+    assert one["names"] == two["names"] and len(one["index"]) == 35
     torch.testing.assert_close(two["index"], one["index"])
     torch.testing.assert_close(two["is_member"], one["is_member"])
     torch.testing.assert_close(two["features"], one["features"], rtol=1e-4, atol=1e-6)
@@ -49,10 +49,11 @@ def test_ddp_two_processes_give_the_same_features(tmp_path):
 def test_callbacks_and_features_cache(tmp_path, capsys):
     cbs = [MembershipMetrics(), DatasetInference(trials=20, null_trials=50, contamination_ratios=[0.0, 1.0], contamination_trials=10, ablation_trials=10,
                                                  permutations=20)]
-    first = run(tmp_path / "a", 1, cbs)
+    first = run(tmp_path / "a", 1, cbs, features_cache=str(tmp_path / "cache.safetensors"))  # absent: extracted, then written there
+    assert torch.equal(load_features_cache(tmp_path / "cache.safetensors")["features"], first["features"])
     summary = json.loads((tmp_path / "a" / "cdi" / "summary.json").read_text())
-    assert summary["n_members"] == 15 and summary["n_nonmembers"] == 16 and 0 <= summary["null_false_positive_rate"] <= 1
-    assert summary["procedure"] == "sequential_stratified" and summary["null_trials"] == 50 and summary["null_n_p"] == 8
+    assert summary["n_members"] == 15 and summary["n_nonmembers"] == 20 and 0 <= summary["null_false_positive_rate"] <= 1
+    assert summary["procedure"] == "sequential_stratified" and summary["null_trials"] == 50 and summary["null_n_p"] == 10
     assert summary["audit_p_permutation"] >= 1 / 21 and isinstance(summary["null_check_passed"], bool)
     assert (tmp_path / "a" / "plots" / "cdi_null_qq.png").is_file()
     assert (tmp_path / "a" / "mia" / "scores.safetensors").is_file() and (tmp_path / "a" / "cdi" / "p_values.safetensors").is_file()
@@ -61,7 +62,7 @@ def test_callbacks_and_features_cache(tmp_path, capsys):
     ablation = (tmp_path / "a" / "cdi" / "ablation.csv").read_text()
     assert "existing+gm" in ablation and "all_gray_box" in ablation
     # Re-analysis from the cache: the model folder does not exist, identical statistics.
-    run(tmp_path / "b", 1, cbs, target=PixelUNetTarget(path=str(tmp_path / "no_model")), features_cache=str(tmp_path / "a" / "features.safetensors"))
+    run(tmp_path / "b", 1, cbs, target=PixelUNetTarget(path=str(tmp_path / "no_model")), features_cache=str(tmp_path / "cache.safetensors"))
     again = json.loads((tmp_path / "b" / "cdi" / "summary.json").read_text())
     assert again == summary
     out = capsys.readouterr().out

@@ -132,6 +132,9 @@ def batched_logistic_regression(X: Tensor, y: Tensor, w: Tensor, C: float = 1.0,
     return beta[:, 0], b0[:, 0], mu[:, 0] + shift[:, 0], sc[:, 0]
 
 
+REFRESH_ABOVE = 1e-3  # a model's Hessian is rebuilt while its largest step exceeds this
+
+
 def _block_lr(X: Tensor, y: Tensor, valid: Tensor, train: Tensor, C: float, max_iter: int = 100, tol: float = 1e-9):
     """The solver behind the CDI statistics: m StandardScaler + L2 logistic regressions per
     design, fitted on unions of row blocks of one shared design matrix.
@@ -207,7 +210,7 @@ def _block_lr(X: Tensor, y: Tensor, valid: Tensor, train: Tensor, C: float, max_
             t = torch.where(bad, t / 2, t)
         beta[idx], b0[idx], z[idx] = nb, nb0, zn
         moved = (t.unsqueeze(-1) * step).abs().amax(-1).amax(-1)  # per design
-        refresh[idx] = moved > 1e-3
+        refresh[idx] = moved > REFRESH_ABOVE
         active = idx[moved >= tol]
         if active.numel() == 0:
             break
