@@ -129,6 +129,7 @@ def test_family_and_selection_use_validation_only():
     assert M.family("cfg_mink_20") == "cfg_mink"
     assert M.family("cond_surp_10_e4") == "cond_surp"
     assert M.family("cfg_camia_slope") == "cfg_camia_slope"
+    assert M.family("cfg_camia_below_mean") != M.family("cfg_camia_below_prefix")
     g = torch.Generator().manual_seed(0)
     y = torch.cat([torch.ones(200), torch.zeros(200)]).long()
     good = y.double() + 0.3 * torch.randn(400, generator=g, dtype=torch.float64)

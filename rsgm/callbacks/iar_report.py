@@ -168,7 +168,10 @@ class IARReport(Callback):
         a1.set(xlabel="utility (classifier accuracy of samples)", ylabel="TPR@1%FPR (%)", title="MIA vs utility")
         a2.set(xlabel="utility (classifier accuracy of samples)", ylabel="DI min |P| (missing: not reached)", title="DI vs utility")
         if any(r["di_min_P"] for r in rows):
+            from matplotlib.ticker import NullFormatter
+
             a2.set_yscale("log")
+            a2.yaxis.set_minor_formatter(NullFormatter())
         fig.tight_layout()
         save_figure(trainer, fig, "iar_mitigation")
         return {f"mitigation_sigma{r['sigma']:g}_{k}": r[k] for r in rows for k in ("tpr", "di_min_P", "utility_accuracy")}
@@ -190,7 +193,10 @@ class IARReport(Callback):
             ax.scatter(row["di_min_P"] or np.nan, 100 * row["tpr_at_1fpr"], s=40, marker="o" if row["type"] == "IAR" else "s")
             ax.annotate(row["model"], (row["di_min_P"] or np.nan, 100 * row["tpr_at_1fpr"]), fontsize=8)
         if any(row["di_min_P"] for row in rows):
+            from matplotlib.ticker import NullFormatter
+
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on a short log range
         ax.set(xlabel="DI min |P| (lower = more leakage)", ylabel="TPR@1%FPR (%)", title="IAR vs DM on digits")
         fig.tight_layout()
         save_figure(trainer, fig, "iar_vs_dm")

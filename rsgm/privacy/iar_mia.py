@@ -189,9 +189,10 @@ def loss_features(ell: Tensor, tokens: Tensor, cfg: MIAConfig = MIAConfig()) -> 
 
 
 def family(name: str) -> str:
-    """MIA family of a feature name: 'cfg_mink_20' -> 'cfg_mink', 'cond_surp_10_e4' -> 'cond_surp'."""
+    """MIA family of a feature name: 'cfg_mink_20' -> 'cfg_mink', 'cond_surp_10_e4' -> 'cond_surp';
+    the CAMIA signals have no hyperparameter: 'cfg_camia_below_mean' is its own family."""
     parts = name.split("_")
-    return "_".join(parts[:3]) if parts[1] == "camia" else "_".join(parts[:2])
+    return name if parts[1] == "camia" else "_".join(parts[:2])  # each CAMIA signal is its own MIA
 
 
 # --------------------------------------------------------------------------- evaluation
