@@ -46,10 +46,8 @@ rank, so under DDP such an expert contributes a zero gradient to the all-reduce 
 ranks where it did receive samples (``rsgm.utils.distributed``).
 
 Inference draws each condition's expert as in training (``inference_routing="sample"``,
-seeded Gumbel-max; see ``rsgm.components.router``) or takes the argmax, and gives every
-expert its whole routed sub-batch in one call; one index tensor per expert gathers its
-inputs and scatters its outputs back, so a condition can never be paired with another
-expert's output.
+seeded Gumbel-max) or takes the argmax; ``rsgm.components.router.dispatch`` gives every
+expert its routed sub-batch in one (optionally compiled) call.
 """
 
 from __future__ import annotations
@@ -299,8 +297,7 @@ class ExpertSim(RNGStateInCheckpoint, SimulatorEvaluation, SynchronisedManualOpt
         return self.to_output_space(self.dispatch(z, cond, expert_of)), expert_of
 
     def generate(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Evaluation outputs; noise and routing seeded by the batch's first sample index,
-        so every epoch is compared on the same draws."""
+        """Evaluation outputs; noise and routing seeded by the batch's first sample index."""
         gen = torch.Generator().manual_seed(self.hparams.eval_seed + int(batch["index"][0]))
         fake, expert_of = self.simulate(batch["cond"], gen)
         return {"real": self.to_output_space(batch["x"]), "fake": fake,
