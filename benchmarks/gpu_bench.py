@@ -185,7 +185,7 @@ def bench_b4b(device: str, small: bool, budget: float) -> list[dict]:
             enc = enc.to(device).eval()
             x = torch.randn(*shape, device=device)
             defense = B4BDefense(enc(x[:2]).shape[1], Path(tmp) / f"s{i}.sqlite", b"benchmark-secret-0123456789",
-                                 transform="affine", noise_seed=0)
+                                 transform="affine")
             with torch.inference_mode():
                 bare = per_call(lambda: enc(x), device, budget)
                 # The defence keeps its coverage store on the host: representations cross to the CPU.

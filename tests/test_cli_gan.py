@@ -144,8 +144,8 @@ def test_ctrl_c_saves_a_checkpoint_and_the_printed_command_resumes_the_same_run(
     command = err.split("Resume with:")[1].strip().splitlines()[0]
     resume = shlex.split(command)
     assert resume[0] == "rsgm" and resume[-2] == "--ckpt_path" and resume[-1] == str((run / "checkpoints" / "last.ckpt").resolve())
-    os.environ.pop("RSGM_RUN_DIR")
-    monkeypatch.undo()
+    monkeypatch.undo()  # also undoes conftest's delenv (same monkeypatch): clear the run folder after it
+    os.environ.pop("RSGM_RUN_DIR", None)
     main(resume[1:])
     assert run_dirs(tmp_path) == [run] and (run / "wandb_id").read_text() == wandb_id
     # both pieces are offline runs of the one W&B run id

@@ -178,6 +178,18 @@ def _tiny_laionmi(root, n=12, size=16):
             Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(p, format="PNG")
 
 
+def _configs_in(folder) -> str:
+    """Copies of the LAION-mi configs under ``folder/configs``: relative paths in a config
+    resolve against the folder above ``configs/``, so the test's tables and weights in
+    ``folder`` are the ones found."""
+    import shutil
+
+    (folder / "configs").mkdir(exist_ok=True)
+    for name in ("laionmi_sd14.yaml", "laionmi.yaml"):
+        shutil.copy(os.path.join("configs", name), folder / "configs" / name)
+    return str(folder / "configs" / "laionmi_sd14.yaml")
+
+
 COMMON = ["--logger", "none", "--trainer.accelerator", "cpu", "--data.image_size", "16", "--data.attack_size", "12",
           "--data.subsets", "3", "--data.subset_size", "4", "--data.batch_size", "12",
           "--model.init_args.passes", "1", "--model.init_args.generation_steps", "3"]
@@ -188,12 +200,13 @@ def test_sd14_config_without_tables_or_weights_stops_with_one_line(tmp_path, mon
     from rsgm.components.sd_adapter import StableDiffusionTarget, save_tiny_stable_diffusion
     from rsgm.errors import RSGMError
 
-    cfg = os.path.abspath("configs/laionmi_sd14.yaml")
+    cfg = _configs_in(tmp_path)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(RSGMError, match=r"LAION-mi members table 'data/laionmi/members.parquet' not found: put the published members parquet"):
+    # The CLI prints the RSGMError as one line `rsgm: <message>` and exits 1.
+    with pytest.raises(SystemExit, match=r"^rsgm: LAION-mi members table '\S*data/laionmi/members.parquet' not found: put the published members parquet"):
         main(["test", "--config", cfg, *COMMON])
     _tiny_laionmi(tmp_path)
-    with pytest.raises(RSGMError, match=r"Stable Diffusion folder 'models/stable-diffusion-v1-4' not found: put the diffusers folder of Stable Diffusion v1.4"):
+    with pytest.raises(SystemExit, match=r"^rsgm: Stable Diffusion folder '\S*models/stable-diffusion-v1-4' not found: put the diffusers folder of Stable Diffusion v1.4"):
         main(["test", "--config", cfg, *COMMON])
     save_tiny_stable_diffusion(tmp_path / "models" / "stable-diffusion-v1-4")
     (tmp_path / "models" / "stable-diffusion-v1-4" / "vae" / "diffusion_pytorch_model.safetensors").unlink()
@@ -211,7 +224,7 @@ def test_sd14_config_runs_end_to_end_on_tiny_components(tmp_path, monkeypatch, c
     from rsgm.cli import main
     from rsgm.components.sd_adapter import save_tiny_stable_diffusion
 
-    cfg = os.path.abspath("configs/laionmi_sd14.yaml")
+    cfg = _configs_in(tmp_path)
     monkeypatch.chdir(tmp_path)
     _tiny_laionmi(tmp_path)
     save_tiny_stable_diffusion(tmp_path / "models" / "stable-diffusion-v1-4")
