@@ -21,24 +21,16 @@ docs/expertsim.md):
 
 * L_util: minus the entropy of the batch-mean gate probabilities, minimised (entropy
   maximisation, the sign the text intends);
-* L_diff: the experts' mean generated intensities, with the straight-through gates as the
-  sample weights, and by default each pair weighted by the two experts' shares
-  (``diff_share_weighted``), which makes it the between-expert variance. Eq. 5.7 as
-  printed rewards an expert for keeping ever fewer, ever brighter samples and emptied one
-  expert in every trial where it was strong enough to move the router. The photon sums
-  are rescaled so that the batch's mean real photon sum is ``diff_intensity_scale`` (10):
-  the thesis' lambda_diff was tuned on raw counts of dimmer data with its own estimator;
-  with rsgm's, raw counts swamp every other router term, a mean of 1 leaves the router
-  uniform, and 10 is where a router trained by the default L_util and L_diff alone sorts
-  conditions into three intensity bands and, without L_util, empties an expert (tested
-  in tests/test_expertsim_losses.py). The intensities are detached, so L_diff trains the
-  router only: applied to the generators it would be unbounded below;
+* L_diff: the experts' mean generated intensities weighted by the straight-through gates,
+  each pair weighted by the two experts' shares (``diff_share_weighted``: the
+  between-expert variance; eq. 5.7 as printed empties experts), on photon sums rescaled so
+  the batch's mean real sum is ``diff_intensity_scale`` (10; why and how it was chosen:
+  docs/expertsim.md and tests/test_expertsim_losses.py). The intensities are detached, so
+  L_diff trains the router only;
 * expert losses: with hard routing ``sum_i L(G_i, D_i)`` has no derivative with respect to
-  the router and by default trains the experts only (``expert_loss_routing="none"``).
-  ``raw`` / ``baselined`` pass it on through ``rsgm.losses.routing.expert_loss_signal``;
-  at initialisation they outweighed lambda_util * L_util 550x (raw) and 30x (baselined),
-  leaving L_util and L_diff inert (raw) or letting the routing collapse onto one expert
-  (baselined).
+  the router and by default trains the experts only (``expert_loss_routing="none"``;
+  ``raw`` / ``baselined`` pass it on through ``rsgm.losses.routing.expert_loss_signal``,
+  which swamped L_util and L_diff in the measurements).
 
 An expert that receives fewer than two samples in a batch sits that step out
 (BatchNorm needs two samples in training mode). Every optimiser still steps on every

@@ -193,7 +193,7 @@ class RunGuard(Callback):
         if not isinstance(exception, KeyboardInterrupt) or trainer.state.fn != "fit":
             return
         ckpt = self.ckpt_dir / "last.ckpt"
-        trainer.save_checkpoint(ckpt, weights_only=False)  # a full checkpoint: optimizers and loops resume too
+        trainer.save_checkpoint(ckpt)  # a full checkpoint (optimizers, loops) so the resume continues exactly
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger) and logger._experiment is not None:
                 logger.experiment.finish()
