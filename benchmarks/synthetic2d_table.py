@@ -66,15 +66,16 @@ def main() -> None:
     if any(a.startswith("--") and not a.startswith(("--model.", "--data.", "--trainer.")) for a in args.rsgm_args):
         parser.error(f"unknown arguments {args.rsgm_args}; only --model.*, --data.* and --trainer.* pass through to rsgm")
     torch.set_num_threads(args.threads)
-    root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="synthetic2d_table_"))
-
-    results: dict[str, list[dict[str, float]]] = {}
-    for row in args.rows:
-        for seed in args.seeds:
-            r = run_row(row, seed, args, root)
-            results.setdefault(row, []).append(r)
-            print(f"[{row} seed {seed}] " + ", ".join(f"{k} {r[k]:.2f}" for k in COLUMNS) + f", fit {r['fit_s']:.0f} s",
-                  flush=True)
+    # Without --out the runs go to a temporary folder removed at the end.
+    with tempfile.TemporaryDirectory(prefix="synthetic2d_table_") as tmp:
+        root = Path(args.out) if args.out else Path(tmp)
+        results: dict[str, list[dict[str, float]]] = {}
+        for row in args.rows:
+            for seed in args.seeds:
+                r = run_row(row, seed, args, root)
+                results.setdefault(row, []).append(r)
+                print(f"[{row} seed {seed}] " + ", ".join(f"{k} {r[k]:.2f}" for k in COLUMNS) + f", fit {r['fit_s']:.0f} s",
+                      flush=True)
 
     real = next(iter(results.values()))[0]
     print(f"\nsynthetic 2-D benchmark, {args.epochs} epochs, seeds {args.seeds}"
@@ -85,7 +86,8 @@ def main() -> None:
     print(f"| real data | {real['real_var_spread0']:.2f} | {real['real_var_spread1']:.1f} | – | – |")
     for row, rs in results.items():
         print(f"| {ROWS[row]} | " + " | ".join(fmt([r[k] for r in rs]) for k in COLUMNS) + " |")
-    print(f"runs kept in {root}")
+    if args.out:
+        print(f"runs kept in {root}")
 
 
 if __name__ == "__main__":

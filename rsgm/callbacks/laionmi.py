@@ -18,7 +18,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from rsgm.metrics.laionmi import classifier_attack, threshold_table
 from rsgm.metrics.membership import membership_roc
 from rsgm.privacy.laionmi_attacks import balanced_subsets
-from rsgm.utils.figures import plt, run_dir, save_figure
+from rsgm.utils.figures import run_dir, save_roc_figure
 
 
 def _write(path, rows: list[dict]) -> None:
@@ -105,13 +105,6 @@ class LaionMIReport(Callback):
                       f"{100 * r['tpr_mean']:>9.2f}+-{100 * r['tpr_std']:<5.2f}{100 * r['auc_mean']:>9.2f}+-{100 * r['auc_std']:<5.2f}")
 
     def _plot(self, trainer: Trainer, rocs: dict) -> None:
-        fig, ax = plt.subplots(figsize=(5, 4.5))
-        for target, (r, (f, t, _)) in rocs.items():
-            ax.plot(np.clip(f.numpy(), 1e-4, 1), np.clip(t.numpy(), 1e-4, 1),
-                    label=f"{target}: {r['method']} {r['signal']} {r['step']} (TPR@{100 * self.fpr:g}% {100 * r['tpr_mean']:.1f})")
-        ax.plot([1e-4, 1], [1e-4, 1], "k:", lw=0.8)
-        ax.axvline(self.fpr, color="grey", lw=0.6)
-        ax.set(xscale="log", yscale="log", xlabel="FPR", ylabel="TPR", title="Membership ROC (best threshold attack)")
-        ax.legend(fontsize=6)
-        fig.tight_layout()
-        save_figure(trainer, fig, "laionmi_roc")
+        curves = {f"{target}: {r['method']} {r['signal']} {r['step']} (TPR@{100 * self.fpr:g}% {100 * r['tpr_mean']:.1f})": (f, t)
+                  for target, (r, (f, t, _)) in rocs.items()}
+        save_roc_figure(trainer, curves, self.fpr, "Membership ROC (best threshold attack)", "laionmi_roc", fontsize=6)

@@ -19,7 +19,7 @@ from rsgm.metrics.membership import membership_auc, membership_roc, tpr_at_fpr
 from rsgm.privacy.safe_files import save_tensors
 from rsgm.privacy.stats import cross_fit_scores
 from rsgm.utils.dashboard import log_table
-from rsgm.utils.figures import plt, run_dir, save_figure
+from rsgm.utils.figures import run_dir, save_roc_figure
 
 SCORES_KIND = "rsgm.mia_scores"  # read back with rsgm.privacy.safe_files.load_tensors(path, SCORES_KIND)
 
@@ -84,13 +84,5 @@ class MembershipMetrics(Callback):
             g = r["feature"].split("_")[0] if r["feature"] != "lr_all" else "lr_all"
             if g not in best or r["auc"] > best[g]["auc"]:
                 best[g] = r
-        fig, ax = plt.subplots(figsize=(5, 4.5))
-        for g, r in best.items():
-            f, t, _ = membership_roc(r["scores"], is_member)
-            ax.plot(np.clip(f.numpy(), 1e-4, 1), np.clip(t.numpy(), 1e-4, 1), label=f"{r['feature']} (AUC {100 * r['auc']:.1f})")
-        ax.plot([1e-4, 1], [1e-4, 1], "k:", lw=0.8)
-        ax.axvline(self.fpr, color="grey", lw=0.6)
-        ax.set(xscale="log", yscale="log", xlabel="FPR", ylabel="TPR", title="Membership ROC per feature")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        save_figure(trainer, fig, "mia_roc")
+        curves = {f"{r['feature']} (AUC {100 * r['auc']:.1f})": membership_roc(r["scores"], is_member)[:2] for r in best.values()}
+        save_roc_figure(trainer, curves, self.fpr, "Membership ROC per feature", "mia_roc")

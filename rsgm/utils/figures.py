@@ -43,3 +43,20 @@ def save_figure(trainer: Trainer, fig: plt.Figure, name: str) -> Path | None:
         if isinstance(logger, WandbLogger):
             logger.log_image(key=f"plots/{name}", images=[str(path)], step=log_step(trainer))
     return path
+
+
+def save_roc_figure(trainer: Trainer, curves: dict[str, tuple], fpr: float, title: str, name: str,
+                    fontsize: int = 7) -> Path | None:
+    """Log-log ROC curves (label -> (fpr, tpr) tensors or arrays), the chance diagonal and a
+    line at the reported FPR, saved and logged as ``name``."""
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    for label, (f, t) in curves.items():
+        ax.plot(np.clip(np.asarray(f), 1e-4, 1), np.clip(np.asarray(t), 1e-4, 1), label=label)
+    ax.plot([1e-4, 1], [1e-4, 1], "k:", lw=0.8)
+    ax.axvline(fpr, color="grey", lw=0.6)
+    ax.set(xscale="log", yscale="log", xlabel="FPR", ylabel="TPR", title=title)
+    ax.legend(fontsize=fontsize)
+    fig.tight_layout()
+    return save_figure(trainer, fig, name)
