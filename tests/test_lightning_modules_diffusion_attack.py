@@ -37,6 +37,10 @@ def run(tmp_path, devices, callbacks=(), **kw):
     return load_features_cache(path) if path.is_file() else None
 
 
+# Slow: inside the full default run a spawned rank once aborted in gloo ("terminate called
+# without an active exception") although the test passes on its own; the default run keeps
+# the 2-process gather check of tests/test_metrics_membership.py.
+@pytest.mark.slow
 def test_ddp_two_processes_give_the_same_features(tmp_path):
     one = run(tmp_path / "one", 1)
     two = run(tmp_path / "two", 2)  # 35 samples over 2 ranks: the sampler pads one duplicate
