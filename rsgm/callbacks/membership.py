@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 
-import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 

@@ -309,7 +309,7 @@ class CachedFeatures(LightningDataModule):
         self.path, self.batch_size = path, batch_size
 
     def setup(self, stage: str | None = None) -> None:
-        from rsgm.lightning_modules.diffusion_attack import load_features_cache
+        from rsgm.privacy.features_cache import load_features_cache
 
         data = load_features_cache(self.path)
         self.rows = [{"features": data["features"][i], "is_member": int(data["is_member"][i]),

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from lightning.pytorch import LightningModule
 
+from rsgm.components.diffusion_adapters import class_conditional_unet
+
 
 class ClassConditionalDiffusion(LightningModule):
     def __init__(self, image_size: int = 8, channels: int = 1, num_classes: int = 10,
@@ -26,17 +28,9 @@ class ClassConditionalDiffusion(LightningModule):
                  add_attention: bool = False, lr: float = 1e-3, export_dir: str | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
-        from diffusers import DDPMScheduler, UNet2DModel
+        from diffusers import DDPMScheduler
 
-        n = len(block_out_channels)
-        self.unet = UNet2DModel(
-            sample_size=image_size, in_channels=channels, out_channels=channels,
-            block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
-            down_block_types=("DownBlock2D",) * n, up_block_types=("UpBlock2D",) * n,
-            num_class_embeds=num_classes + 1, norm_num_groups=min(8, block_out_channels[0]),
-            # Mid-block attention is 20x the cost of the rest on CPU at this size, for no gain on 8x8 digits.
-            add_attention=add_attention,
-        )
+        self.unet = class_conditional_unet(image_size, channels, num_classes, block_out_channels, layers_per_block, add_attention)
         self.scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule)
         self.register_buffer("alphas_cumprod", self.scheduler.alphas_cumprod.clone().float())
 
