@@ -6,6 +6,8 @@
 #
 # Writes benchmarks/results/gpu_bench.md (the table) and benchmarks/results/gpu_bench.json.
 # Extra arguments go to benchmarks/gpu_bench.py (e.g. --sections zdc di, --budget 1).
+# Needs torch with CUDA and diffusers (the CDI section's tiny DiT and digits UNet); on a machine
+# without a package index, install the diffusers wheel (and its importlib_metadata) first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 "${PYTHON:-python3}" -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU visible to torch'; print(torch.cuda.get_device_name(0))"
