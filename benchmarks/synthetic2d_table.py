@@ -1,6 +1,6 @@
 """Thesis Table 4.4.1 on the synthetic 2-D benchmark: DC-GAN, MS-GAN and SDI-GAN over seeds.
 
-Every row is ``configs/<row>_synthetic2d.yaml`` run through the ``rsgm`` command: ``fit``
+Every row is ``configs/sdigan_synthetic2d.yaml`` (plus the overlay ``configs/synthetic2d/<row>.yaml``) run through the ``rsgm`` command: ``fit``
 for ``--epochs`` epochs, then ``test`` of the last checkpoint on the test split. The three
 rows share the data (same data seed and split), architecture, learning rates and training
 length; they differ only in the diversity regulariser. Only the model seed changes between
@@ -31,11 +31,14 @@ from rsgm.cli import main as rsgm
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ROWS = {"dcgan": "DC-GAN", "msgan": "MS-GAN", "sdigan": "SDI-GAN"}
+# Row -> the base config and the overlay (configs/synthetic2d/) that sets its diversity term.
+CONFIG_FILES = {"dcgan": ["sdigan_synthetic2d.yaml", "synthetic2d/dcgan.yaml"],
+                "msgan": ["sdigan_synthetic2d.yaml", "synthetic2d/msgan.yaml"], "sdigan": ["sdigan_synthetic2d.yaml"]}
 COLUMNS = ("var_spread0", "var_spread1", "w1_spread0", "w1_spread1")
 
 
 def run_row(row: str, seed: int, args: argparse.Namespace, root: Path) -> dict[str, float]:
-    common = ["--config", str(CONFIGS / f"{row}_synthetic2d.yaml"), "--logger", "csv", "--run_dir", str(root),
+    common = [*[a for f in CONFIG_FILES[row] for a in ("--config", str(CONFIGS / f))], "--logger", "csv", "--run_dir", str(root),
               "--run_name", f"{row}-s{seed}", "--seed_everything", str(seed), "--trainer.enable_progress_bar", "false",
               "--trainer.enable_model_summary", "false"]
     os.environ.pop("RSGM_RUN_DIR", None)

@@ -14,15 +14,17 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 FAST = {
     "quickstart.yaml": ["--data.n_synthetic", "400"],
     "sdigan_zdc.yaml": ["--data.n_synthetic", "400", "--data.batch_size", "16"],
-    "dcgan_synthetic2d.yaml": ["--data.n_per_condition", "20"],
-    "msgan_synthetic2d.yaml": ["--data.n_per_condition", "20"],
+    "synthetic2d/dcgan.yaml": ["--data.n_per_condition", "20"],
+    "synthetic2d/msgan.yaml": ["--data.n_per_condition", "20"],
     "sdigan_synthetic2d.yaml": ["--data.n_per_condition", "20"],
 }
 
 
 @pytest.mark.parametrize("config", sorted(FAST))
 def test_fast_dev_run_of_every_config(config, tmp_path):
-    main(["fit", "--config", str(CONFIGS / config), "--trainer.fast_dev_run", "true", "--logger", "none",
+    # An overlay in configs/synthetic2d/ goes on top of its base, sdigan_synthetic2d.yaml.
+    files = [CONFIGS / "sdigan_synthetic2d.yaml", CONFIGS / config] if config.startswith("synthetic2d/") else [CONFIGS / config]
+    main(["fit", *[a for f in files for a in ("--config", str(f))], "--trainer.fast_dev_run", "true", "--logger", "none",
           "--run_dir", str(tmp_path), *FAST[config]])
 
 
