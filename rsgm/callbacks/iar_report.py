@@ -22,7 +22,6 @@ import csv
 import json
 
 import numpy as np
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from rsgm.metrics.membership import membership_roc

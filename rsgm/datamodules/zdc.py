@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from rsgm.errors import RSGMError
 from rsgm.physics.features import condition_groups, peak_pixel, per_condition_diversity, photon_sum
 from rsgm.physics.simulator import CONDITION_COLUMNS, IMAGE_SHAPES, simulate_zdc
-from rsgm.physics.units import images_to_model_space, model_space_to_counts  # noqa: F401  (re-exported)
+from rsgm.physics.units import images_to_model_space
 from rsgm.physics.zdc_files import check_conditions, is_hdf5, read_conditions, read_hdf5, read_pickle, say_pickle_trust_once, validate_zdc
 
 Detector = Literal["neutron", "proton"]

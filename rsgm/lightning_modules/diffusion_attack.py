@@ -23,7 +23,7 @@ from lightning.pytorch import LightningModule
 from rsgm.components.diffusion_adapters import DiffusionTarget
 from rsgm.metrics.membership import MembershipFeatures
 from rsgm.privacy.diffusion_features import ACCESS, DiffusionFeatureExtractor, FeatureConfig, feature_group
-from rsgm.privacy.features_cache import FEATURES_KIND, load_features_cache, save_features_cache  # noqa: F401  (re-exported)
+from rsgm.privacy.features_cache import load_features_cache, save_features_cache
 from rsgm.utils.figures import run_dir
 
 

@@ -10,8 +10,6 @@ non-member digit indices), which :class:`rsgm.components.iar_adapters.BuiltinIAR
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningModule
