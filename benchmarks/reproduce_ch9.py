@@ -28,8 +28,10 @@ IAR = ["configs/iar_digits.yaml"]
 HARD = ["configs/iar_digits.yaml", "configs/iar_digits_hard.yaml"]
 DM = ["configs/dm_digits.yaml"]
 DM_HARD = ["configs/dm_digits.yaml", "configs/dm_digits_hard.yaml"]
+VS_HARD = ["configs/iar_vs_dm_digits.yaml", "configs/iar_vs_dm_hard.yaml"]
 FITS = {"iar_digits": IAR, "var_digits": ["configs/var_digits.yaml"], "mar_digits": ["configs/mar_digits.yaml"],
-        "iar_digits_hard": HARD, "dm_digits": DM, "dm_digits_hard": DM_HARD}
+        "iar_digits_hard": HARD, "dm_digits": DM, "dm_digits_hard": DM_HARD,
+        "dm_digits_hard_long": DM_HARD + ["configs/iar_dm_hard_long.yaml"]}
 MIA = "configs/iar_mia_digits.yaml"
 # row: (models it needs, test configs, thesis model it stands in for)
 ROWS = {
@@ -38,7 +40,8 @@ ROWS = {
     "masked": (["mar_digits"], [MIA, "configs/iar_mia_mar.yaml"], "MAR-H"),
     "raster_hard": (["iar_digits_hard"], [MIA, "configs/iar_mia_hard.yaml"], "RAR-B"),
     "vs_dm": (["iar_digits", "dm_digits"], ["configs/iar_vs_dm_digits.yaml"], "VAR-d30 vs DMs"),
-    "vs_dm_hard": (["iar_digits_hard", "dm_digits_hard"], ["configs/iar_vs_dm_digits.yaml", "configs/iar_vs_dm_hard.yaml"], "VAR-d30 vs DMs"),
+    "vs_dm_hard": (["iar_digits_hard", "dm_digits_hard"], VS_HARD, "VAR-d30 vs DMs"),
+    "vs_dm_hard_long": (["iar_digits_hard", "dm_digits_hard_long"], VS_HARD + ["configs/iar_vs_dm_hard_long.yaml"], "VAR-d30 vs DMs"),
 }
 # methods_spec §6.5-6.8: best baseline / tailored MIA TPR@FPR=1 % (Table 9.5.1), DI min |P| baseline /
 # optimised / tailored (Table 9.5.3), extracted images (Table 9.5.4)
@@ -76,12 +79,17 @@ def mia_cell(folder: Path, name: str) -> str:
 
 def tables(rows: list[str]) -> None:
     found = {row: latest(row) for row in rows}
+    for audit, comparison in (("raster", "vs_dm"), ("raster_hard", "vs_dm_hard")):
+        if found.get(audit) is None and found.get(comparison) is not None:  # the comparison runs the same IAR audit
+            found[audit] = found[comparison]
     found = {row: folder for row, folder in found.items() if folder is not None}
-    missing = [row for row in rows if row not in found]
+    missing = [row for row in ROWS if row in rows and row not in found]
     if missing:
         print(f"no results yet for: {', '.join(missing)}\n")
     summ = {row: json.loads((folder / "summary.json").read_text()) for row, folder in found.items()}
     audits = [row for row in ("raster", "next_scale", "masked", "raster_hard") if row in found]
+    for row in audits:
+        summ[row] = json.loads((found[row] / "summary.json").read_text())
     print_table("Table 9.5.1: best baseline vs tailored (CFG-difference) MIA, TPR@FPR=1 % (%)",
                 ["rsgm model (thesis model)", "thesis baseline", "thesis tailored", "rsgm best conditional (val-chosen)", "rsgm best CFG difference (val-chosen)"],
                 [[f"{summ[r]['model']} ({ROWS[r][2]})", *THESIS_MIA[ROWS[r][2]], mia_cell(found[r], summ[r]["best_cond_mia"]),
@@ -97,7 +105,7 @@ def tables(rows: list[str]) -> None:
                 ["rsgm model (thesis model)", "thesis extracted", "rsgm extracted / candidates", "rsgm validation false positives", "threshold"],
                 [[f"{summ[r]['model']} ({ROWS[r][2]})", THESIS_EXTRACTED[ROWS[r][2]], f"{summ[r]['extraction_extracted']} / {summ[r]['extraction_candidates']}",
                   summ[r]["extraction_validation_false_positives"], f"{summ[r]['extraction_threshold']:.3f}"] for r in ext])
-    for r in ("vs_dm", "vs_dm_hard"):
+    for r in ("vs_dm", "vs_dm_hard", "vs_dm_hard_long"):
         if r not in found:
             continue
         comp = read_csv(found[r] / "comparison.csv")
