@@ -114,7 +114,7 @@ def tables(rows: list[str]) -> None:
                     [[c["model"], c["mia"], pct(c["tpr_at_1fpr"]), pct(c["auc"]), c["di_min_P"] or "not reached", c["extracted"] or "-",
                       f"{float(c['utility_accuracy']):.3f}" if c["utility_accuracy"] else "n/a", f"{float(c['fid']):.2f}" if c["fid"] else "n/a"] for c in comp],
                     "thesis (ImageNet 256): VAR-d30 TPR 86.38 %, DI |P| = 6; the most leaky DM (SiT-XL/2, CLiD) TPR 6.38 %, "
-                    f"DMs' CDI |P| >= 200. rsgm feature-FID floor (real vs real): {summ[r].get('fid_real_floor', 'n/a')}.")
+                    f"DMs' CDI |P| >= 200. rsgm feature-FID floor (as many real digits as samples vs all real): {float(summ[r]['fid_real_floor']):.2f}.")
 
 
 def main(argv: list[str] | None = None) -> int:
