@@ -99,7 +99,7 @@ def tables(rows: list[str]) -> None:
                 ["rsgm model (thesis model)", "thesis baseline / optimised / tailored", "rsgm LLM-DI baseline", "rsgm MinMax + sum", "rsgm + CFG MIAs", "rsgm null FPR at alpha 0.01"],
                 [[f"{summ[r]['model']} ({ROWS[r][2]})", " / ".join(map(str, THESIS_DI[ROWS[r][2]])), summ[r].get("di_llm_di_linear_cond") or "not reached",
                   summ[r].get("di_sum_cond") or "not reached", summ[r].get("di_sum_cond_cfg") or "not reached",
-                  f"{pct(summ[r].get('di_null_fpr'))} (|P| = {summ[r].get('di_null_n')})"] for r in audits])
+                  f"{pct(summ[r].get('di_null_fpr'))} (\\|P\\| = {summ[r].get('di_null_n')})"] for r in audits])
     ext = [r for r in audits if "extraction_extracted" in summ[r]]
     print_table("Table 9.5.4: extracted training images (zero validation false positives)",
                 ["rsgm model (thesis model)", "thesis extracted", "rsgm extracted / candidates", "rsgm validation false positives", "threshold"],
@@ -110,11 +110,11 @@ def tables(rows: list[str]) -> None:
             continue
         comp = read_csv(found[r] / "comparison.csv")
         print_table(f"Fig. 9.1.1: IAR vs DM on the same digits ({r})",
-                    ["model", "best MIA", "TPR@FPR=1 % (%)", "AUC (%)", "DI min |P|", "extracted", "utility (accuracy)", "feature FID"],
+                    ["model", "best MIA", "TPR@FPR=1 % (%)", "AUC (%)", "DI min \\|P\\|", "extracted", "utility (accuracy)", "feature FID"],
                     [[c["model"], c["mia"], pct(c["tpr_at_1fpr"]), pct(c["auc"]), c["di_min_P"] or "not reached", c["extracted"] or "-",
                       f"{float(c['utility_accuracy']):.3f}" if c["utility_accuracy"] else "n/a", f"{float(c['fid']):.2f}" if c["fid"] else "n/a"] for c in comp],
-                    "thesis (ImageNet 256): VAR-d30 TPR 86.38 %, DI |P| = 6; the most leaky DM (SiT-XL/2, CLiD) TPR 6.38 %, "
-                    f"DMs' CDI |P| >= 200. rsgm feature-FID floor (as many real digits as samples vs all real): {float(summ[r]['fid_real_floor']):.2f}.")
+                    "thesis (ImageNet 256): VAR-d30 TPR 86.38 %, DI min |P| = 6; the most leaky DM (SiT-XL/2, CLiD) TPR 6.38 %, "
+                    f"DMs' CDI min |P| >= 200. rsgm feature-FID floor (as many real digits as samples vs all real): {float(summ[r]['fid_real_floor']):.2f}.")
 
 
 def main(argv: list[str] | None = None) -> int:
