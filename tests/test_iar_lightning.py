@@ -29,15 +29,18 @@ def run(tmp_path, devices=1, model=None, callbacks=(), **kw):
 def test_module_and_report_end_to_end(tmp_path):
     report = IARReport(repeats=3, trials=20, null_trials=50, linear_trials=10)
     res, module = run(tmp_path, callbacks=[report], extraction={"per_class": 1, "prefix_len": 16},
-                      utility_per_class=2, feature_options={"logit_noise": [1.0]})
+                      utility_per_class=2, feature_options={"logit_noise": [1.0]},
+                      sampling_sweep=[{"temperature": 0.0}, {"temperature": 0.5, "cfg": 1.0}])
     assert len(res["index"]) == 71 and res["features"].shape == (71, len(res["names"]))
     assert res["calls"]["forward"] == 2 * 71  # conditional + null pass per sample, nothing else during scoring
     assert {n.split("_")[0] for n in res["names"]} == {"cond", "cfg"} and 1.0 in res["noisy"]
     summary = json.loads((tmp_path / "iar" / "summary.json").read_text())
     assert summary["forward_passes_per_sample"] == 2.0
     assert summary["extraction_validation_false_positives"] == 0
-    for f in ("mia.csv", "di.csv", "di_null.json", "mitigation.csv", "extraction.json"):
+    for f in ("mia.csv", "di.csv", "di_null.json", "mitigation.csv", "extraction.json", "sampling_sweep.csv"):
         assert (tmp_path / "iar" / f).is_file(), f
+    assert summary["mitigation_sigma0_fid"] > 0 and summary["fid_real_floor"] >= 0
+    assert [set(r) for r in res["sampling_sweep"]] == [{"temperature", "accuracy", "fid"}, {"temperature", "cfg", "accuracy", "fid"}]
     assert (tmp_path / "plots" / "iar_roc.png").is_file()
     # the statistics re-run from the saved features without the model
     cached = IARAttack(target=BuiltinIARTarget(model=RasterIAR(dim=16, depth=1)), features_cache=str(tmp_path / "iar_features.pt"))

@@ -44,6 +44,13 @@ def best_of(results: list[M.MIAResult], prefix: str) -> M.MIAResult | None:
     return max(cands, key=lambda r: (r.val_tpr, r.auc_mean)) if cands else None
 
 
+def matched_setting(sweep: list[dict], target_accuracy: float | None) -> dict | None:
+    """The sampling setting whose utility accuracy is closest to ``target_accuracy`` (ties: lower FID)."""
+    if not sweep or target_accuracy is None:
+        return None
+    return min(sweep, key=lambda row: (abs(row["accuracy"] - target_accuracy), row["fid"]))
+
+
 class IARReport(Callback):
     def __init__(self, repeats: int = 100, fpr: float = 0.01, val_fraction: float = 0.3, trials: int = 1000,
                  alpha: float = 0.01, null_trials: int = 1000, linear_trials: int | None = None,
@@ -107,8 +114,11 @@ class IARReport(Callback):
         if res.get("noisy") or res.get("utility"):
             print("IAR report: mitigation ...", flush=True)
             summary.update(self._mitigation(trainer, res, folder, bt, di))
+        if res.get("sampling_sweep"):
+            _write_csv(folder / "sampling_sweep.csv", [{"setting": json.dumps({k: v for k, v in row.items() if k not in ("accuracy", "fid")}),
+                                                        "utility_accuracy": row["accuracy"], "fid": row["fid"]} for row in res["sampling_sweep"]])
         if "dm" in res:
-            summary.update(self._comparison(trainer, res, folder, bt, di, summary))
+            summary.update(self._comparison(trainer, res, folder, best_of(results, ""), di, summary))
         return summary
 
     def _roc(self, trainer, names, F, y, picks) -> None:
@@ -145,11 +155,12 @@ class IARReport(Callback):
         names, y = res["names"], res["is_member"]
         util = res.get("utility", {})
         rows = [{"sigma": 0.0, "mia": best_cfg.name, "tpr": best_cfg.tpr_mean, "di_min_P": di["sum_cond_cfg"],
-                 "utility_accuracy": util.get(0.0, {}).get("accuracy")}]
+                 "utility_accuracy": util.get(0.0, {}).get("accuracy"), "fid": util.get(0.0, {}).get("fid")}]
         for sigma, Fs in res.get("noisy", {}).items():
             b = best_of(self.mia(names, Fs.double(), y, self.mitigation_repeats), "cfg_")
             size, _ = D.min_suspect_size(Fs[y.bool()].double(), Fs[~y.bool()].double(), "sum", trials=self.trials, alpha=self.alpha, seed=self.seed)
-            rows.append({"sigma": sigma, "mia": b.name, "tpr": b.tpr_mean, "di_min_P": size, "utility_accuracy": util.get(sigma, {}).get("accuracy")})
+            rows.append({"sigma": sigma, "mia": b.name, "tpr": b.tpr_mean, "di_min_P": size, "utility_accuracy": util.get(sigma, {}).get("accuracy"),
+                         "fid": util.get(sigma, {}).get("fid")})
         _write_csv(folder / "mitigation.csv", rows)
         if 0.0 in util:
             from rsgm.lightning_modules.iar import grid_figure
@@ -173,22 +184,30 @@ class IARReport(Callback):
             a2.yaxis.set_minor_formatter(NullFormatter())
         fig.tight_layout()
         save_figure(trainer, fig, "iar_mitigation")
-        return {f"mitigation_sigma{r['sigma']:g}_{k}": r[k] for r in rows for k in ("tpr", "di_min_P", "utility_accuracy")}
+        out = {f"mitigation_sigma{r['sigma']:g}_{k}": r[k] for r in rows for k in ("tpr", "di_min_P", "utility_accuracy", "fid")}
+        out["fid_real_floor"] = res.get("fid_real")
+        return out
 
-    def _comparison(self, trainer, res, folder, best_cfg, di, summary) -> dict:
+    def _comparison(self, trainer, res, folder, best_iar, di, summary) -> dict:
+        """IAR (its best MIA over conditional and CFG features, chosen on validation) vs the DM."""
         dm = res["dm"]
         y = res["is_member"]
         Fd = dm["features"].double()
         b = max(self.mia(dm["names"], Fd, y), key=lambda z: (z.val_tpr, z.auc_mean))
         size, _ = D.min_suspect_size(Fd[y.bool()], Fd[~y.bool()], "sum", trials=self.trials, alpha=self.alpha, seed=self.seed)
-        util = res.get("utility", {}).get(0.0, {}).get("accuracy")
-        rows = [{"model": res.get("label"), "type": "IAR", "mia": best_cfg.name, "tpr_at_1fpr": best_cfg.tpr_mean, "auc": best_cfg.auc_mean,
-                 "di_min_P": di["sum_cond_cfg"], "extracted": summary.get("extraction_extracted"), "utility_accuracy": util},
+        util = res.get("utility", {}).get(0.0, {})
+        rows = [{"model": res.get("label"), "type": "IAR", "mia": best_iar.name, "tpr_at_1fpr": best_iar.tpr_mean, "auc": best_iar.auc_mean,
+                 "di_min_P": di["sum_cond_cfg"], "extracted": summary.get("extraction_extracted"), "utility_accuracy": util.get("accuracy"),
+                 "fid": util.get("fid")},
                 {"model": dm["label"], "type": "DM", "mia": b.name, "tpr_at_1fpr": b.tpr_mean, "auc": b.auc_mean,
-                 "di_min_P": size, "extracted": None, "utility_accuracy": res.get("dm_utility")}]
+                 "di_min_P": size, "extracted": None, "utility_accuracy": res.get("dm_utility"), "fid": res.get("dm_fid")}]
+        match = matched_setting(res.get("sampling_sweep") or [], res.get("dm_utility"))
+        if match is not None:  # the same IAR (same leakage), sampled at the setting whose utility is closest to the DM's
+            setting = {k: v for k, v in match.items() if k not in ("accuracy", "fid")}
+            rows.insert(1, {**rows[0], "model": f"{res.get('label')} {json.dumps(setting)}", "utility_accuracy": match["accuracy"], "fid": match["fid"]})
         _write_csv(folder / "comparison.csv", rows)
         fig, ax = plt.subplots(figsize=(4.5, 3.6))
-        for row in rows:
+        for row in rows[:1] + rows[-1:]:
             ax.scatter(row["di_min_P"] or np.nan, 100 * row["tpr_at_1fpr"], s=40, marker="o" if row["type"] == "IAR" else "s")
             ax.annotate(row["model"], (row["di_min_P"] or np.nan, 100 * row["tpr_at_1fpr"]), fontsize=8)
         if any(row["di_min_P"] for row in rows):
@@ -199,4 +218,8 @@ class IARReport(Callback):
         ax.set(xlabel="DI min |P| (lower = more leakage)", ylabel="TPR@1%FPR (%)", title="IAR vs DM on digits")
         fig.tight_layout()
         save_figure(trainer, fig, "iar_vs_dm")
-        return {"dm_best_mia": b.name, "dm_tpr": b.tpr_mean, "dm_auc": b.auc_mean, "dm_di_min_P": size}
+        out = {"dm_best_mia": b.name, "dm_tpr": b.tpr_mean, "dm_auc": b.auc_mean, "dm_di_min_P": size,
+               "dm_utility_accuracy": res.get("dm_utility"), "dm_fid": res.get("dm_fid")}
+        if match is not None:
+            out.update({"matched_setting": json.dumps(setting), "matched_utility_accuracy": match["accuracy"], "matched_fid": match["fid"]})
+        return out

@@ -22,8 +22,15 @@ from rsgm.components.iar_adapters import IARTarget
 from rsgm.metrics.membership import MembershipFeatures
 from rsgm.privacy import iar_extraction as E
 from rsgm.privacy.iar_features import IARFeatureConfig, extract_features
-from rsgm.privacy.iar_utility import dm_generation_utility, fit_digit_classifier, generation_utility
+from rsgm.metrics.fidelity import frechet_distance
+from rsgm.privacy.iar_utility import dm_generation_utility, fit_digit_classifier, fit_feature_net, generation_utility, hidden_features
 from rsgm.utils.figures import run_dir
+
+
+def feature_fid(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (rows = samples)."""
+    real, fake = real.double(), fake.double()
+    return float(frechet_distance(real.mean(0), torch.cov(real.T), fake.mean(0), torch.cov(fake.T)))
 
 
 class IARAttack(LightningModule):
@@ -32,7 +39,12 @@ class IARAttack(LightningModule):
         feature_options: overrides of :class:`IARFeatureConfig` (ks, mask_ratio, timestep, draws,
             logit_noise = the mitigation sigma grid, seed).
         extraction: {per_class, prefix_len, sscd_path} or null to skip (token models only).
-        utility_per_class: generated digits per class for the utility of each sigma (0: skip).
+        utility_per_class: generated digits per class for the utility of each sigma (0: skip);
+            utility = digits-classifier accuracy and feature-space FID (MLP hidden layer).
+        utility_sampling: the target's sampling options for the utility samples, e.g.
+            ``{temperature: 0.8, cfg: 1.0}`` (built-in token models; default temperature 1, no CFG).
+        sampling_sweep: further sampling settings (list of such dicts) whose utility (no
+            mitigation noise) is measured too, to compare models at comparable utility.
         reference_dm: optional diffusion target for the IAR-vs-DM table; dm_timesteps: its
             denoising-loss timesteps; dm_label: its name in the table.
         features_cache: an ``iar_features.pt`` of an earlier run: the statistics re-run without
@@ -40,7 +52,8 @@ class IARAttack(LightningModule):
     """
 
     def __init__(self, target: IARTarget, feature_options: dict | None = None, extraction: dict | None = None,
-                 utility_per_class: int = 50, reference_dm: nn.Module | None = None,
+                 utility_per_class: int = 50, utility_sampling: dict | None = None,
+                 sampling_sweep: list[dict] | None = None, reference_dm: nn.Module | None = None,
                  dm_timesteps: list[int] | None = None, dm_label: str = "DM", label: str = "IAR",
                  features_cache: str | None = None) -> None:
         super().__init__()
@@ -141,9 +154,20 @@ class IARAttack(LightningModule):
             r["extraction"] = ext
             r["extraction_originals"] = r["images"][member][ext.extracted]
         if self.hparams.utility_per_class:
-            clf = fit_digit_classifier(r["images"], r["cond"])
+            n = self.hparams.utility_per_class
+            clf, net = fit_digit_classifier(r["images"], r["cond"]), fit_feature_net(r["images"], r["cond"], seed=self.cfg.seed)
+            real = hidden_features(net, r["images"])
+            fid = lambda x: feature_fid(real, hidden_features(net, x))
             sigmas = (0.0, *self.cfg.logit_noise) if self.target.kind == "token" else (0.0,)
-            r["utility"] = {s: generation_utility(self.target, clf, self.hparams.utility_per_class, s, seed=self.cfg.seed) for s in sigmas}
+            r["utility"] = {s: generation_utility(self.target, clf, n, s, seed=self.cfg.seed, sampling=self.hparams.utility_sampling) for s in sigmas}
+            for u in r["utility"].values():
+                u["fid"] = fid(u["samples"])
+            r["sampling_sweep"] = []
+            for opts in self.hparams.sampling_sweep or []:
+                u = generation_utility(self.target, clf, n, 0.0, seed=self.cfg.seed, sampling=opts)
+                r["sampling_sweep"].append({**opts, "accuracy": u["accuracy"], "fid": fid(u["samples"])})
+            g = torch.Generator().manual_seed(self.cfg.seed)  # floor of the FID: as many real digits as samples
+            r["fid_real"] = fid(r["images"][torch.randperm(len(real), generator=g)[: 10 * n]])
             if self.reference_dm is not None:
-                r["dm_utility"] = dm_generation_utility(self.reference_dm, clf, self.hparams.utility_per_class, seed=self.cfg.seed,
-                                                        shape=tuple(r["images"].shape[1:]))["accuracy"]
+                dm = dm_generation_utility(self.reference_dm, clf, n, seed=self.cfg.seed, shape=tuple(r["images"].shape[1:]))
+                r["dm_utility"], r["dm_fid"] = dm["accuracy"], fid(dm["samples"])
