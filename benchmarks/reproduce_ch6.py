@@ -9,7 +9,7 @@ Every row is ``rsgm test --config configs/b4b_digits.yaml [--config configs/b4b/
 surrogate's initialisation, the stealing batches and the probes).  A run folder
 ``runs/reproduce_ch6/<table>/seed<S>/`` that already holds ``b4b_table.csv`` is read, not rerun.
 Needs the testbed victim: ``rsgm fit --config configs/b4b_victim_digits.yaml``.  All tables at
-3 seeds are 27 protocol runs, about 1 h 15 min of one core on a loaded 2-core machine.
+3 seeds are 27 protocol runs, about 1 h of one core on a loaded 2-core machine.
 
 The testbed has three tasks (digits, shapes, textures) instead of the thesis's four (CIFAR10,
 STL10, SVHN, FashionMNIST), attack budgets of 4000 / 16000 queries instead of 50k / 100k, and a
