@@ -88,6 +88,8 @@ def run(table: str, seed: int, root: Path) -> Path:
     out = run_dir(table, seed, root)
     if (out / "b4b_table.csv").is_file():
         return out
+    if not (ROOT / "artifacts/b4b_victim_digits/encoder.pt").is_file():
+        raise SystemExit("reproduce_ch6: train the testbed victim first: rsgm fit --config configs/b4b_victim_digits.yaml")
     configs = [BASE, *TABLES[table][0]]
     cmd = [sys.executable, "-m", "rsgm.cli", "test"] + [a for c in configs for a in ("--config", c)]
     cmd += ["--seed_everything", str(seed), "--model.init_args.seed", str(seed), "--logger", "csv",
@@ -131,8 +133,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", default="runs/reproduce_ch6", help="run folders (reused when they hold a table)")
     args = ap.parse_args(argv)
     root = ROOT / args.root
-    if not (ROOT / "artifacts/b4b_victim_digits/encoder.pt").is_file():
-        raise SystemExit("reproduce_ch6: train the testbed victim first: rsgm fit --config configs/b4b_victim_digits.yaml")
     runs = {t: [run(t, s, root) for s in (args.seeds if t in SEEDED else args.ablation_seeds)] for t in args.tables}
     tabs = {t: [table_of(f) for f in fs] for t, fs in runs.items()}
     seeds = lambda t: ", ".join(str(s) for s in (args.seeds if t in SEEDED else args.ablation_seeds))  # noqa: E731

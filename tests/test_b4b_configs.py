@@ -161,3 +161,25 @@ def test_dino_overlay_defences_run_the_protocol_with_a_tiny_vit(tmp_path):
     assert model.defense_configs["b4b"].alpha == 1000.0 and model.defense_configs["b4b"].beta == 0.6
     # fast_dev_run: one mixed batch; every account answered once under every defence
     assert all(len(tr) == 1 for tr in model.traces.values())
+
+
+def test_reproduce_ch6_reads_run_folders_and_prints_thesis_beside_mean_std(tmp_path, capsys):
+    import importlib.util
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("reproduce_ch6", ROOT / "benchmarks" / "reproduce_ch6.py")
+    ch6 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ch6)
+    for seed, acc in ((0, 60.0), (1, 70.0)):  # two finished runs of Table 6.4.1, one row each
+        folder = ch6.run_dir("6.4.1", seed, tmp_path)
+        folder.mkdir(parents=True)
+        pd.DataFrame([dict(user="Attack", defense="b4b", queries="4000", coverage=0.06, digits=acc, shapes=acc + 3,
+                           textures=acc + 6, mean=acc + 3)]).to_csv(folder / "b4b_table.csv", index=False)
+        pd.DataFrame({"b4b/b4b/attack-4000/coverage": [0.06]}).to_csv(folder / "metrics.csv", index=False)
+    assert ch6.main(["--tables", "6.4.1", "--seeds", "0", "1", "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    (line,) = [x for x in out.splitlines() if x.startswith("| Attack, b4b, 4000 |")]
+    # thesis mean of (35.72, 31.54, 19.74, 70.01) = 39.25; rsgm means 63 and 73 over the 3 tasks
+    assert line.split(" | ")[2:] == ["39.3", "65.0 ± 7.1", "68.0 ± 7.1", "71.0 ± 7.1", "68.0 ± 7.1", "0.060 ± 0.000 |"]
+    assert "| Legit, none, ALL | Legit, none, ALL | 88.0 | n/a |" in out  # rows without runs say so
