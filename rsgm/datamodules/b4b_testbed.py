@@ -210,9 +210,22 @@ class Account:
     overlap: int = 0  # sybils: how many leading queries every account of the scenario shares
 
 
+FAST_TASK, FAST_OWN = 60, 24  # fast_dev_run: images per task split, and per attack account beyond the shared ones
+
+
+def _shrink(a: Account) -> Account:
+    """The account cut for fast_dev_run: sybils keep at most 40 shared queries, attackers FAST_OWN own ones."""
+    ov = min(a.overlap, 40) // 2 * 2 if a.kind == "sybil" else 0
+    keep = a.images if a.kind == "legit" else torch.cat([a.images[:ov], a.images[a.overlap:a.overlap + FAST_OWN]])
+    return Account(a.user_id, a.kind, keep, a.task, a.scenario, ov)
+
+
 class _QueryDataset(Dataset):
-    def __init__(self, accounts: list[Account], batch_size: int):
-        # one batch never mixes users, so each batch is one API call of one account
+    def __init__(self, accounts: list[Account], batch_size: int, mixed: bool = False):
+        # each batch is one API call of one account; ``mixed``: every account in one batch (fast_dev_run)
+        if mixed:
+            self.items = [([a.user_id for a in accounts for _ in range(len(a.images))], torch.cat([a.images for a in accounts]))]
+            return
         self.items = [(a.user_id, a.images[i:i + batch_size]) for a in accounts for i in range(0, len(a.images), batch_size)]
 
     def __len__(self) -> int:
@@ -252,6 +265,9 @@ class B4BTestbedDataModule(LightningDataModule):
         largest = max(hp.attack_queries)
         if largest > len(self.pool):
             raise ValueError(f"attack budget {largest} exceeds the broad corpus ({len(self.pool)} images); lower attack_queries or raise n_shapes / n_textures")
+        if self.trainer is not None and self.trainer.fast_dev_run:  # wiring check: a few images per account
+            self.tasks = {t: Task(t, k.x_train[:FAST_TASK], k.y_train[:FAST_TASK], k.x_test[:FAST_TASK], k.y_test[:FAST_TASK])
+                          for t, k in self.tasks.items()}
         accounts = [Account(f"legit-{t}", "legit", task.x_all, task=t) for t, task in self.tasks.items()]
         accounts += [Account(f"attack-{q}", "attack", self.pool[:q], scenario=f"attack-{q}") for q in hp.attack_queries]
         for k in hp.sybils:
@@ -264,7 +280,7 @@ class B4BTestbedDataModule(LightningDataModule):
                 own = self.pool[start:start + per - hp.sybil_overlap]
                 accounts.append(Account(f"sybil{k}x{per}-{i}", "sybil", torch.cat([shared, own]),
                                         scenario=f"sybil{k}x{per}", overlap=hp.sybil_overlap))
-        self.accounts = accounts
+        self.accounts = accounts if self.trainer is None or not self.trainer.fast_dev_run else [_shrink(a) for a in accounts]
 
     def set_train_pairs(self, pairs: Dataset, batch_size: int) -> None:
         """Register the (query, answer) pairs a stealing attack collected; ``fit`` trains on them."""
@@ -276,7 +292,9 @@ class B4BTestbedDataModule(LightningDataModule):
         return DataLoader(self._train_pairs, batch_size=self._train_batch, shuffle=True, drop_last=True)
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(_QueryDataset(self.accounts, self.hparams.batch_size), batch_size=None, shuffle=False)
+        # fast_dev_run runs one test batch: it then holds every (shrunk) account, users mixed
+        fast = self.trainer is not None and bool(self.trainer.fast_dev_run)
+        return DataLoader(_QueryDataset(self.accounts, self.hparams.batch_size, mixed=fast), batch_size=None, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()

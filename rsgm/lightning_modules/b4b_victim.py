@@ -60,12 +60,17 @@ class VictimEncoderModule(LightningModule):
 
 
 def _load_frozen(encoder: nn.Module, weights: str | None) -> nn.Module:
-    if weights is None:
+    """Load ``weights`` (a state dict) into ``encoder`` and freeze it; an encoder that loaded its own
+    pretrained weights (``encoder.pretrained``, e.g. ``DinoViT``) needs none."""
+    if weights is None and getattr(encoder, "pretrained", False):
+        pass
+    elif weights is None:
         raise ValueError("encoder_weights is not set: a served encoder needs trained weights (path to a state dict)")
-    if not Path(weights).is_file():
+    elif not Path(weights).is_file():
         raise FileNotFoundError(f"encoder weights {weights} not found; for the testbed run `rsgm fit --config configs/b4b_victim_digits.yaml` first, "
                                 "otherwise put the state dict there or fix encoder_weights")
-    load_encoder_weights(encoder, weights)
+    else:
+        load_encoder_weights(encoder, weights)
     encoder.eval()
     for p in encoder.parameters():
         p.requires_grad_(False)
