@@ -133,6 +133,9 @@ def batched_logistic_regression(X: Tensor, y: Tensor, w: Tensor, C: float = 1.0,
 
 
 REFRESH_ABOVE = 1e-3  # a model's Hessian is rebuilt while its largest step exceeds this
+POOL_ABOVE = 0.15  # batched_cdi: the pool solver when a trial uses at least this fraction of the pool's rows
+COARSE_TOL = 1e-4  # pool solver: float32 Newton steps until the steps are below this, then float64
+REFRESH_RATE = 0.05  # pool solver: a fit's Hessian is rebuilt while its steps shrink by less than this factor
 
 
 def _block_lr(X: Tensor, y: Tensor, valid: Tensor, train: Tensor, C: float, max_iter: int = 100, tol: float = 1e-9):
@@ -227,15 +230,170 @@ def _curvature_cholesky(Xf: Tensor, s: Tensor, mu: Tensor, sc: Tensor, C: float,
     m = s.shape[1]
     Z = torch.mul(s.transpose(1, 2).unsqueeze(-1), Xf.unsqueeze(2), out=torch.empty(T, N, m, d, dtype=Xf.dtype, device=Xf.device))
     M2 = torch.bmm(Xf.transpose(1, 2), Z.view(T, N, m * d)).view(T, d, m, d).transpose(1, 2)
-    m1 = torch.bmm(s, Xf)
-    m0 = s.sum(-1)
+    return _hessian_cholesky(M2, torch.bmm(s, Xf), s.sum(-1), mu, sc, C, reg)
+
+
+def _hessian_cholesky(M2: Tensor, m1: Tensor, m0: Tensor, mu: Tensor, sc: Tensor, C: float, reg: Tensor) -> Tensor:
+    """Cholesky factors of C * sum_i s_i a_i a_i' + reg, a_i = ((x_i - mu) / sc, 1), from the
+    raw curvature-weighted moments M2 = sum s x x', m1 = sum s x, m0 = sum s (batched)."""
+    d = mu.shape[-1]
     mm = mu.unsqueeze(-1) * m1.unsqueeze(-2)
     Hc = (M2 - mm - mm.transpose(-1, -2) + m0[..., None, None] * mu.unsqueeze(-1) * mu.unsqueeze(-2)) / (sc.unsqueeze(-1) * sc.unsqueeze(-2))
     g1 = (m1 - m0.unsqueeze(-1) * mu) / sc
-    H = torch.empty(T, m, d + 1, d + 1, dtype=torch.float64, device=Xf.device)
+    H = torch.empty(*mu.shape[:-1], d + 1, d + 1, dtype=torch.float64, device=mu.device)
     H[..., :d, :d], H[..., :d, d], H[..., d, :d], H[..., d, d] = Hc, g1, g1, m0
-    H = C * H + reg
-    return torch.linalg.cholesky(H)
+    return torch.linalg.cholesky(C * H + reg)
+
+
+def _pool_lr(X: Tensor, W1: Tensor, Wt: Tensor, C: float, max_iter: int = 100, tol: float = 1e-9, trace: list | None = None):
+    """R StandardScaler + L2 logistic regressions whose rows all come from one pool X (N, d):
+    fit r has Wt[r, i] copies of row i, W1[r, i] of them with label 1, the rest with label 0.
+
+    Every per-fit quantity is a product with the pool, so the solver runs on GEMMs instead of
+    a gathered (R, rows, d) tensor: the weighted moments of all fits are (R, N) @ (N, .)
+    products with the pool's rows (standardisation) and per-row outer products (Hessians:
+    (N, (d+1)(d+2)/2)); gradients are (R, N) @ (N, d+1); logits (R, d) @ (d, N). The
+    objective is sklearn's, 0.5 ||beta||^2 + C sum_i [Wt_i softplus(z_i) - W1_i z_i],
+    evaluated as 0.5 ||beta||^2 + C [W0 X . v + c sum W0 - sum Wt log sigmoid(z)] for
+    z = X v + c (W0 = Wt - W1), so a step costs one sigmoid and one log pass over (R, N).
+
+    Newton's method from beta = 0, where the Hessian is the moments' own (p = 1/2), in two
+    phases: float32 until the steps are below ``COARSE_TOL``, then float64 from there to
+    ``tol`` (:func:`_pool_newton`). The Hessians are always float32 products: they only set
+    the direction; the float64 gradient is exact, so the fixed point is the exact optimum.
+    X should be centred and scaled per column (the fits are invariant to it). Wt may be
+    float32 (it holds small counts). Returns (beta, b0, mu, sc), each (R, ...).
+    """
+    R, N = W1.shape
+    d = X.shape[1]
+    dt, dev = torch.float64, X.device
+    Xa = torch.cat([X, torch.ones(N, 1, dtype=dt, device=dev)], 1)
+    iu = torch.triu_indices(d + 1, d + 1, device=dev)
+    outer32 = (Xa[:, iu[0]] * Xa[:, iu[1]]).float()  # (N, (d+1)(d+2)/2)
+
+    def curvature(S: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        M = torch.zeros(S.shape[0], d + 1, d + 1, dtype=dt, device=dev)
+        M[:, iu[0], iu[1]] = (S.float() @ outer32).double()
+        M = M + M.triu(1).transpose(1, 2)
+        return M[:, :d, :d], M[:, :d, d], M[:, d, d]
+
+    mom = Wt.double() @ torch.cat([Xa, X * X], 1)  # exact float64 moments: standardisation
+    m1, m0, ex2 = mom[:, :d], mom[:, d], mom[:, d + 1:] / mom[:, d : d + 1]
+    del mom
+    mu = m1 / m0.unsqueeze(-1)
+    var = (ex2 - mu**2).clamp_min(0)
+    sc = torch.where(var > 1e-12 * ex2, var.sqrt(), torch.ones_like(var))  # constant column: scale 1, as StandardScaler
+    W1X = W1.double() @ Xa
+    fit = {"w1x": W1X[:, :d], "w1s": W1X[:, d], "w0x": m1 - W1X[:, :d], "w0s": m0 - W1X[:, d], "mu": mu, "sc": sc}
+    reg = torch.eye(d + 1, dtype=dt, device=dev)
+    reg[-1, -1] = 0.0  # the intercept is not penalised
+    Wt = Wt.float()
+    M2, c1, c0 = curvature(Wt)
+    state = {"beta": torch.zeros(R, d, dtype=dt, device=dev), "b0": torch.zeros(R, dtype=dt, device=dev),
+             "chol": _hessian_cholesky(0.25 * M2, 0.25 * c1, 0.25 * c0, mu, sc, C, reg),  # the Hessian at beta = 0
+             "last": torch.full((R,), math.inf, dtype=dt, device=dev)}
+    del M2
+    _pool_newton(Xa.float(), Wt, fit, state, curvature, C, reg, COARSE_TOL, max_iter // 2, 1e-5, trace, strict=False)
+    _pool_newton(Xa, Wt, fit, state, curvature, C, reg, tol, max_iter, 1e-12, trace)
+    return state["beta"], state["b0"], mu, sc
+
+
+def _pool_newton(Xa: Tensor, Wt: Tensor, fit: dict, state: dict, curvature, C: float, reg: Tensor, tol: float,
+                 max_iter: int, slack: float, trace: list | None, strict: bool = True) -> None:
+    """Newton iterations of :func:`_pool_lr` in the dtype of the pool Xa (N, d+1: rows and a
+    ones column), updating ``state`` (beta, b0, Cholesky factors, last step sizes) in place
+    until every fit's step is below ``tol``.
+
+    Each fit takes the longest of the steps 1, 1/2, 1/4, ... that does not increase the
+    objective by more than ``slack`` (relative) while its steps exceed ``REFRESH_ABOVE`` or
+    stop contracting; afterwards full steps without evaluating the objective. Its Hessian is
+    rebuilt while its steps shrink by less than a factor ``REFRESH_RATE`` each. Converged
+    fits leave the working set (which is compacted, so later passes only touch active fits).
+    ``strict``: raise when fits are left after ``max_iter`` (else keep where they are)."""
+    dt, dev = Xa.dtype, Xa.device
+    d = Xa.shape[1] - 1
+    X = Xa[:, :d]
+    R = Wt.shape[0]
+    idx = torch.arange(R, device=dev)
+    w = {k: v.to(dt) for k, v in fit.items()}
+    be, bb, last = state["beta"].to(dt), state["b0"].to(dt), state["last"].clone()
+    wt = Wt
+    v0 = be / w["sc"]
+    p = torch.sigmoid_(torch.addmm((bb - (w["mu"] * v0).sum(-1)).unsqueeze(-1), v0, X.T))
+    ob = torch.zeros(R, dtype=dt, device=dev)
+    valid = torch.zeros(R, dtype=torch.bool, device=dev)
+    refresh = torch.zeros(R, dtype=torch.bool, device=dev)
+    search = last > REFRESH_ABOVE
+    last = torch.where(torch.isinf(last), last, torch.full_like(last, math.inf))  # no rate yet in this dtype
+
+    def objective(nb, v, c, w0x, w0s, wt_, p_):
+        return 0.5 * (nb**2).sum(-1) + C * ((w0x * v).sum(-1) + c * w0s - torch.linalg.vecdot(wt_.to(dt), torch.log(p_)))
+
+    for _ in range(max_iter):
+        mu, sc = w["mu"], w["sc"]
+        wp = wt * p
+        ga = wp @ Xa
+        rs = ga[:, d] - w["w1s"]
+        grad = torch.cat([C * (ga[:, :d] - w["w1x"] - rs.unsqueeze(-1) * mu) / sc + be, C * rs.unsqueeze(-1)], -1).double()
+        n_refresh = int(refresh.sum())
+        if n_refresh:
+            sel = refresh.nonzero().squeeze(1)
+            s = torch.addcmul(wp, wp, p, value=-1) if n_refresh > 0.7 * len(idx) else None
+            s = s[sel] if s is not None and n_refresh < len(idx) else (s if s is not None else torch.addcmul(wp[sel], wp[sel], p[sel], value=-1))
+            state["chol"][idx[sel]] = _hessian_cholesky(*curvature(s), mu[sel].double(), sc[sel].double(), C, reg)
+            del s
+        del wp
+        step = torch.cholesky_solve(grad.unsqueeze(-1), state["chol"][idx]).squeeze(-1).to(dt)
+        t = torch.ones(len(idx), dtype=dt, device=dev)
+        nb, nb0 = be - step[:, :d], bb - step[:, d]
+        v = nb / sc
+        pn = torch.sigmoid_(torch.addmm((nb0 - (mu * v).sum(-1)).unsqueeze(-1), v, X.T))
+        if search.any():  # backtracking on the exact objective
+            sel = search.nonzero().squeeze(1)
+            full = sel.numel() == len(idx)
+            g = (lambda x: x) if full else (lambda x: x[sel])
+            need = ~valid[sel]
+            if need.any():  # objective at the current point
+                j = sel[need.nonzero().squeeze(1)]
+                vj = be[j] / sc[j]
+                ob[j] = objective(be[j], vj, bb[j] - (mu[j] * vj).sum(-1), w["w0x"][j], w["w0s"][j], wt[j], p[j])
+            ts, pns, obs = g(t), g(pn), g(ob)
+            bes, bbs, sts, scs, mus, w0xs, w0ss, wts = (g(x) for x in (be, bb, step, sc, mu, w["w0x"], w["w0s"], wt))
+            for _h in range(40):
+                nbs, nb0s = bes - ts.unsqueeze(-1) * sts[:, :d], bbs - ts * sts[:, d]
+                vs = nbs / scs
+                cs = nb0s - (mus * vs).sum(-1)
+                on = objective(nbs, vs, cs, w0xs, w0ss, wts, pns)
+                bad = on > obs + slack * obs.abs()
+                if not bad.any():
+                    break
+                ts = torch.where(bad, ts / 2, ts)
+                pns = torch.where(bad.unsqueeze(-1), torch.sigmoid(torch.addmm(cs.unsqueeze(-1), vs, X.T)), pns)
+            if full:
+                t, pn, ob = ts, pns, on
+            else:
+                t[sel], pn[sel], ob[sel] = ts, pns, on
+            nb, nb0 = be - t.unsqueeze(-1) * step[:, :d], bb - t * step[:, d]
+        valid = search.clone()
+        moved = (t.unsqueeze(-1) * step).abs().amax(-1).double()
+        refresh = (moved > REFRESH_RATE * last) & (moved > 10 * tol)
+        search = (moved > REFRESH_ABOVE) | (moved > 0.5 * last) | (t < 1)
+        if trace is not None:
+            trace.append((str(dt)[-2:], len(idx), n_refresh, int(search.sum()), float(moved.max())))
+        be, bb, p, last = nb, nb0, pn, moved
+        done = moved < tol
+        if done.any():  # converged fits leave the working set
+            j = idx[done]
+            state["beta"][j], state["b0"][j], state["last"][j] = be[done].double(), bb[done].double(), last[done]
+            keep = ~done
+            if not keep.any():
+                return
+            idx, be, bb, p, last, wt, ob, valid, refresh, search = (x[keep] for x in (idx, be, bb, p, last, wt, ob, valid, refresh, search))
+            w = {k: v[keep] for k, v in w.items()}
+    if not strict:
+        state["beta"][idx], state["b0"][idx], state["last"][idx] = be.double(), bb.double(), last
+        return
+    raise RuntimeError(f"{len(idx)} logistic regressions did not converge in {max_iter} iterations.")
 
 
 # --------------------------------------------------------------------------- resampling
@@ -379,6 +537,37 @@ def _fit_and_score(F: Tensor, draw: TrialDraw, proc: Procedure, C: float) -> tup
     return scores, fold
 
 
+def _fit_and_score_pool(F: Tensor, draw: TrialDraw, proc: Procedure, C: float) -> tuple[Tensor, Tensor]:
+    """As :func:`_fit_and_score`, with every fold model as a weight vector over the rows the
+    trials draw from (the solver :func:`_pool_lr`): the faster way when each trial uses a
+    good part of the pool (large |P|, permutations)."""
+    T, n_p = draw.idx_p.shape
+    dev = F.device
+    idx = torch.cat([draw.idx_p, draw.idx_u], 1)
+    fold = torch.cat([draw.fold_p, draw.fold_u], 1)
+    n, m = idx.shape[1], len(proc.train)
+    used, inv = torch.unique(idx, return_inverse=True)
+    X = F[used]
+    X = X - X.mean(0)
+    s = X.std(0)
+    X = X / torch.where(s > 0, s, torch.ones_like(s))  # the fits are invariant to per-column scaling
+    train = torch.zeros(m, proc.folds, dtype=torch.float64, device=dev)
+    for j, fs in enumerate(proc.train):
+        train[j, list(fs)] = 1.0
+    src = train[:, fold].transpose(0, 1)  # (T, m, n): 1 where row i fits model j
+    y = torch.cat([torch.ones(n_p), torch.zeros(n - n_p)]).double().to(dev)
+    at = inv.unsqueeze(1).expand(T, m, n)
+    W1 = torch.zeros(T, m, len(used), dtype=torch.float64, device=dev).scatter_add_(2, at, src * y)
+    Wt = torch.zeros(T, m, len(used), dtype=torch.float32, device=dev).scatter_add_(2, at, src.float())  # small counts: exact
+    beta, b0, mu, sc = _pool_lr(X, W1.view(T * m, -1), Wt.view(T * m, -1), C)
+    del W1, Wt
+    v = beta / sc
+    z = torch.addmm((b0 - (mu * v).sum(-1)).unsqueeze(-1), v, X.T).view(T, m * len(used))
+    model = torch.tensor(proc.score, device=dev)[fold]  # (T, n)
+    scores = z.gather(1, model.clamp_min(0) * len(used) + inv)
+    return torch.where(model >= 0, scores, torch.full_like(scores, float("nan"))), fold
+
+
 def _masked_welch(sP: Tensor, sU: Tensor) -> tuple[Tensor, Tensor]:
     """Welch t and df over the non-NaN entries of each row (equal counts per row)."""
     a = sP[~torch.isnan(sP)].view(sP.shape[0], -1)
@@ -427,13 +616,19 @@ def _statistic(scores: Tensor, fold: Tensor, n_p: int, proc: Procedure) -> tuple
 
 def batched_cdi(members: Tensor, nonmembers: Tensor, draw: TrialDraw, k: int = 5, C: float = 1.0,
                 max_elements: int = 20_000_000, progress: bool = False, device: str | torch.device = "cpu",
-                procedure: str | Procedure = "crossfit") -> dict[str, Tensor]:
+                procedure: str | Procedure = "crossfit", solver: str = "auto") -> dict[str, Tensor]:
     """CDI p-values for every trial in ``draw`` (§5.2 steps 2-4), solved in batches
     (on ``device``: a GPU solves the logistic regressions much faster than the CPU).
 
     ``procedure`` (see :data:`PROCEDURES`) fixes the folds of ``draw``: ``draw`` must use its
     ``folds`` (5 for crossfit, 2 for split). Returns per-trial ``p``, ``t`` and ``cohen_d``
     (for the power conversion of App. C.17), plus the scores ``sP``/``sU`` (NaN: not scored).
+
+    ``solver``: ``"gather"`` (each trial's rows gathered into fold blocks, :func:`_block_lr`),
+    ``"pool"`` (every fold model a weight vector over the rows the trials draw from,
+    :func:`_pool_lr`) or ``"auto"``: the pool solver when a trial uses at least
+    ``POOL_ABOVE`` of those rows (large |P|, permutations), else gather. Both solve the
+    same problems to the same optimum.
     """
     proc = procedure if isinstance(procedure, Procedure) else make_procedure(procedure, k)
     F = torch.cat([torch.as_tensor(members), torch.as_tensor(nonmembers)]).double().to(device)
@@ -443,12 +638,19 @@ def batched_cdi(members: Tensor, nonmembers: Tensor, draw: TrialDraw, k: int = 5
         raise ValueError(f"procedure '{proc.name}' uses {proc.folds} folds; draw the trials with k={proc.folds}.")
     T, n_p = draw.idx_p.shape
     n, m = n_p + draw.idx_u.shape[1], len(proc.train)
-    chunk = max(1, max_elements // (n * (m + 1) * (F.shape[1] + 1)))
+    if solver not in ("auto", "gather", "pool"):
+        raise ValueError(f"unknown solver '{solver}'; choose auto, gather or pool.")
+    pool_rows = int(torch.unique(torch.cat([draw.idx_p, draw.idx_u], 1)).numel())
+    use_pool = solver == "pool" or (solver == "auto" and n >= POOL_ABOVE * pool_rows)
+    if use_pool:
+        chunk = max(1, max_elements // (8 * m * pool_rows))
+    else:
+        chunk = max(1, max_elements // (n * (m + 1) * (F.shape[1] + 1)))
     out = {"p": [], "t": [], "cohen_d": [], "sP": [], "sU": []}
     for s in tqdm(range(0, T, chunk), disable=not progress, desc="CDI trials", leave=False):
         sub = draw[s : s + chunk]
         sub = TrialDraw(*(v.to(device) for v in (sub.idx_p, sub.idx_u, sub.fold_p, sub.fold_u)))
-        scores, fold = _fit_and_score(F, sub, proc, C)
+        scores, fold = (_fit_and_score_pool if use_pool else _fit_and_score)(F, sub, proc, C)
         scores, fold = scores.cpu(), fold.cpu()
         t, p = _statistic(scores, fold, n_p, proc)
         sP, sU = scores[:, :n_p], scores[:, n_p:]
@@ -505,17 +707,22 @@ def permutation_test(FP: Tensor, FU: Tensor, permutations: int = 1000, procedure
     """
     proc = procedure if isinstance(procedure, Procedure) else make_procedure(procedure, k)
     FP, FU = torch.as_tensor(FP).double(), torch.as_tensor(FU).double()
-    n_p, n_u = len(FP), len(FU)
-    n = n_p + n_u
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.cat([torch.arange(n).unsqueeze(0), torch.rand(permutations, n, generator=g).argsort(-1)])
-    fold_p = torch.rand(permutations + 1, n_p, generator=g).argsort(-1) % proc.folds
-    fold_u = torch.rand(permutations + 1, n_u, generator=g).argsort(-1) % proc.folds
-    draw = TrialDraw(labels[:, :n_p], labels[:, n_p:], fold_p, fold_u)
+    draw = permutation_draw(len(FP), len(FU), permutations, proc.folds, seed)
     res = batched_cdi(torch.cat([FP, FU]), FP[:0], draw, proc.folds, C, progress=progress, device=device, procedure=proc)
     t = res["t"]
     exceed = int((t[1:] >= t[0]).sum())
     return {"p": (1 + exceed) / (1 + permutations), "t": float(t[0]), "p_parametric": float(res["p"][0]), "permutations": permutations}
+
+
+def permutation_draw(n_p: int, n_u: int, permutations: int, k: int, seed: int = 0) -> TrialDraw:
+    """The trials of :func:`permutation_test` as row indices into ``cat([P, U])``: trial 0 is
+    the observed labelling, trials 1..B random relabelings keeping |P|; fresh balanced folds each."""
+    n = n_p + n_u
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.cat([torch.arange(n).unsqueeze(0), torch.rand(permutations, n, generator=g).argsort(-1)])
+    fold_p = torch.rand(permutations + 1, n_p, generator=g).argsort(-1) % k
+    fold_u = torch.rand(permutations + 1, n_u, generator=g).argsort(-1) % k
+    return TrialDraw(labels[:, :n_p], labels[:, n_p:], fold_p, fold_u)
 
 
 def audit_test(FP: Tensor, FU: Tensor, procedure: str = DEFAULT_PROCEDURE, k: int = 5, C: float = 1.0, seed: int = 0,
