@@ -79,9 +79,10 @@ def print_features(title: str, rows: list[tuple]) -> None:
 
 
 def _timed(fn):
-    t0 = time.perf_counter()
+    """(result, wall seconds, CPU seconds of this process, all threads)."""
+    t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
-    return out, time.perf_counter() - t0
+    return out, time.perf_counter() - t0, time.process_time() - c0
 
 
 def stats_table(trials: int, loop_trials: int, sizes: list[int], d: int, devices: list[str], procedures: list[str],
@@ -95,8 +96,9 @@ def stats_table(trials: int, loop_trials: int, sizes: list[int], d: int, devices
     print(f"\nResampling statistics: {trials} trials per |P| (|U| = |P|; P from 2000 members, U from 2000 non-members), {d} features, "
           f"torch threads {torch.get_num_threads()}; the sklearn loop (StandardScaler + LogisticRegression per fold model, "
           f"scipy Welch; BLAS 1 thread) timed on {loop_trials} trials and scaled to {trials}")
-    head = "".join(f"{dev + ' s':>12}{'x loop':>8}" for dev in devices)
-    print(f"{'procedure':<24}{'|P|':>6}{'loop s':>10}{head}{'max |dp|':>11}{'load':>7}")
+    head = "".join(f"{dev + ' s':>10}{'x loop':>8}{'cpu s':>8}{'x loop':>8}" for dev in devices)
+    print("(wall-clock seconds and their ratio; then CPU seconds of the process, all threads, and their ratio)")
+    print(f"{'procedure':<24}{'|P|':>6}{'loop s':>9}{'cpu s':>9}{head}{'max |dp|':>11}{'load':>7}")
     rows = []
     cases = [(proc, n) for proc in procedures for n in sizes] + ([("permutation", n) for n in sizes] if permutation else [])
     for proc, n in cases:
@@ -111,19 +113,19 @@ def stats_table(trials: int, loop_trials: int, sizes: list[int], d: int, devices
             mem, non = members, nonmembers
         with threadpool_limits(1):
             S.loop_cdi(mem, non, draw[:1], procedure=name)  # warm-up: imports
-            _, t_loop = _timed(lambda: S.loop_cdi(mem, non, draw[:loop_trials], procedure=name))
+            _, t_loop, c_loop = _timed(lambda: S.loop_cdi(mem, non, draw[:loop_trials], procedure=name))
             exact = S.loop_cdi(mem, non, draw[:loop_trials], tol=1e-8, procedure=name)  # same splits, converged
-        t_loop *= trials / loop_trials
+        t_loop, c_loop = t_loop * trials / loop_trials, c_loop * trials / loop_trials
         cells, diff = "", 0.0
         for dev in devices:
             S.batched_cdi(mem, non, draw[:2], device=dev, procedure=name)  # warm-up
             sync(dev)
-            res, t = _timed(lambda: (S.batched_cdi(mem, non, draw, device=dev, procedure=name), sync(dev))[0])
+            res, t, c = _timed(lambda: (S.batched_cdi(mem, non, draw, device=dev, procedure=name), sync(dev))[0])
             fast = res["p"].numpy()
-            cells += f"{t:>12.2f}{t_loop / t:>8.1f}"
+            cells += f"{t:>10.2f}{t_loop / t:>8.1f}{c:>8.2f}{c_loop / c:>8.1f}"
             diff = max(diff, float(np.abs(fast[:loop_trials] - exact).max()))
-            rows.append((proc, n, t_loop, dev, t, t_loop / t, diff))
-        print(f"{proc:<24}{n:>6}{t_loop:>10.1f}{cells}{diff:>11.1e}{os.getloadavg()[0]:>7.1f}", flush=True)
+            rows.append((proc, n, t_loop, dev, t, t_loop / t, c_loop / c, diff))
+        print(f"{proc:<24}{n:>6}{t_loop:>9.1f}{c_loop:>9.1f}{cells}{diff:>11.1e}{os.getloadavg()[0]:>7.1f}", flush=True)
     return rows
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -225,12 +226,13 @@ def _block_lr(X: Tensor, y: Tensor, valid: Tensor, train: Tensor, C: float, max_
 def _curvature_cholesky(Xf: Tensor, s: Tensor, mu: Tensor, sc: Tensor, C: float, reg: Tensor) -> Tensor:
     """Cholesky factors (T, m, d+1, d+1) of the Hessians C * sum_i s_ji a_ji a_ji' + reg,
     a_ji = ((x_i - mu_j) / sc_j, 1), of m models sharing Xf (T, N, d); s: (T, m, N) holds
-    each model's weight x p (1 - p). The O(N m d^2) product is one batched matmul."""
+    each model's weight x p (1 - p). The O(N m d^2) product is one batched matmul, in float32."""
     T, N, d = Xf.shape
     m = s.shape[1]
-    Z = torch.mul(s.transpose(1, 2).unsqueeze(-1), Xf.unsqueeze(2), out=torch.empty(T, N, m, d, dtype=Xf.dtype, device=Xf.device))
-    M2 = torch.bmm(Xf.transpose(1, 2), Z.view(T, N, m * d)).view(T, d, m, d).transpose(1, 2)
-    return _hessian_cholesky(M2, torch.bmm(s, Xf), s.sum(-1), mu, sc, C, reg)
+    X32, s32 = Xf.float(), s.float()  # the Hessian only sets the direction: float32 is enough
+    Z = torch.mul(s32.transpose(1, 2).unsqueeze(-1), X32.unsqueeze(2), out=torch.empty(T, N, m, d, dtype=torch.float32, device=Xf.device))
+    M2 = torch.bmm(X32.transpose(1, 2), Z.view(T, N, m * d)).view(T, d, m, d).transpose(1, 2)
+    return _hessian_cholesky(M2.double(), torch.bmm(s32, X32).double(), s.sum(-1), mu, sc, C, reg)
 
 
 def _hessian_cholesky(M2: Tensor, m1: Tensor, m0: Tensor, mu: Tensor, sc: Tensor, C: float, reg: Tensor) -> Tensor:
@@ -246,52 +248,54 @@ def _hessian_cholesky(M2: Tensor, m1: Tensor, m0: Tensor, mu: Tensor, sc: Tensor
 
 
 def _pool_lr(X: Tensor, W1: Tensor, Wt: Tensor, C: float, max_iter: int = 100, tol: float = 1e-9, trace: list | None = None):
-    """R StandardScaler + L2 logistic regressions whose rows all come from one pool X (N, d):
-    fit r has Wt[r, i] copies of row i, W1[r, i] of them with label 1, the rest with label 0.
+    """StandardScaler + L2 logistic regressions whose rows all come from pools of rows: fit
+    (g, r) has Wt[g, r, i] copies of row i of its pool, W1[g, r, i] of them labelled 1, the
+    rest 0. X is one pool (N, d) shared by every fit (W: (R, 1, N)), or one pool per group
+    (G, N, d) (W: (G, r, N), e.g. a trial's own rows for its r fold models).
 
     Every per-fit quantity is a product with the pool, so the solver runs on GEMMs instead of
-    a gathered (R, rows, d) tensor: the weighted moments of all fits are (R, N) @ (N, .)
+    a gathered (fits, rows, d) tensor: the weighted moments of all fits are W @ (N, .)
     products with the pool's rows (standardisation) and per-row outer products (Hessians:
-    (N, (d+1)(d+2)/2)); gradients are (R, N) @ (N, d+1); logits (R, d) @ (d, N). The
-    objective is sklearn's, 0.5 ||beta||^2 + C sum_i [Wt_i softplus(z_i) - W1_i z_i],
-    evaluated as 0.5 ||beta||^2 + C [W0 X . v + c sum W0 - sum Wt log sigmoid(z)] for
-    z = X v + c (W0 = Wt - W1), so a step costs one sigmoid and one log pass over (R, N).
+    (N, (d+1)(d+2)/2)); gradients are W @ (N, d+1); logits (d) @ (d, N). With a shared pool
+    each of these is one GEMM over all fits. The objective is sklearn's,
+    0.5 ||beta||^2 + C sum_i [Wt_i softplus(z_i) - W1_i z_i], evaluated as
+    0.5 ||beta||^2 + C [W0 X . v + c sum W0 - sum Wt log sigmoid(z)] for z = X v + c
+    (W0 = Wt - W1), so a step costs one sigmoid and one log pass over W's shape.
 
     Newton's method from beta = 0, where the Hessian is the moments' own (p = 1/2), in two
     phases: float32 until the steps are below ``COARSE_TOL``, then float64 from there to
     ``tol`` (:func:`_pool_newton`). The Hessians are always float32 products: they only set
     the direction; the float64 gradient is exact, so the fixed point is the exact optimum.
     X should be centred and scaled per column (the fits are invariant to it). Wt may be
-    float32 (it holds small counts). Returns (beta, b0, mu, sc), each (R, ...).
+    float32 (it holds small counts). Returns (beta, b0, mu, sc), each (G, r, ...).
     """
-    R, N = W1.shape
-    d = X.shape[1]
+    N, d = X.shape[-2:]
     dt, dev = torch.float64, X.device
-    Xa = torch.cat([X, torch.ones(N, 1, dtype=dt, device=dev)], 1)
+    Xa = torch.cat([X, torch.ones(*X.shape[:-1], 1, dtype=dt, device=dev)], -1)
     iu = torch.triu_indices(d + 1, d + 1, device=dev)
-    outer32 = (Xa[:, iu[0]] * Xa[:, iu[1]]).float()  # (N, (d+1)(d+2)/2)
+    outer32 = (Xa[..., iu[0]] * Xa[..., iu[1]]).float()  # (N, (d+1)(d+2)/2) per pool
 
-    def curvature(S: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        M = torch.zeros(S.shape[0], d + 1, d + 1, dtype=dt, device=dev)
-        M[:, iu[0], iu[1]] = (S.float() @ outer32).double()
-        M = M + M.triu(1).transpose(1, 2)
-        return M[:, :d, :d], M[:, :d, d], M[:, d, d]
+    def curvature(S: Tensor, gsel) -> tuple[Tensor, Tensor, Tensor]:
+        M = torch.zeros(*S.shape[:2], d + 1, d + 1, dtype=dt, device=dev)
+        M[..., iu[0], iu[1]] = torch.matmul(S.float(), outer32 if gsel is None else outer32[gsel]).double()
+        M = M + M.triu(1).transpose(-1, -2)
+        return M[..., :d, :d], M[..., :d, d], M[..., d, d]
 
-    mom = Wt.double() @ torch.cat([Xa, X * X], 1)  # exact float64 moments: standardisation
-    m1, m0, ex2 = mom[:, :d], mom[:, d], mom[:, d + 1:] / mom[:, d : d + 1]
+    mom = torch.matmul(Wt.double(), torch.cat([Xa, X * X], -1))  # exact float64 moments: standardisation
+    m1, m0, ex2 = mom[..., :d], mom[..., d], mom[..., d + 1:] / mom[..., d : d + 1]
     del mom
     mu = m1 / m0.unsqueeze(-1)
     var = (ex2 - mu**2).clamp_min(0)
     sc = torch.where(var > 1e-12 * ex2, var.sqrt(), torch.ones_like(var))  # constant column: scale 1, as StandardScaler
-    W1X = W1.double() @ Xa
-    fit = {"w1x": W1X[:, :d], "w1s": W1X[:, d], "w0x": m1 - W1X[:, :d], "w0s": m0 - W1X[:, d], "mu": mu, "sc": sc}
+    W1X = torch.matmul(W1.double(), Xa)
+    fit = {"w1x": W1X[..., :d], "w1s": W1X[..., d], "w0x": m1 - W1X[..., :d], "w0s": m0 - W1X[..., d], "mu": mu, "sc": sc}
     reg = torch.eye(d + 1, dtype=dt, device=dev)
     reg[-1, -1] = 0.0  # the intercept is not penalised
     Wt = Wt.float()
-    M2, c1, c0 = curvature(Wt)
-    state = {"beta": torch.zeros(R, d, dtype=dt, device=dev), "b0": torch.zeros(R, dtype=dt, device=dev),
+    M2, c1, c0 = curvature(Wt, None)
+    state = {"beta": torch.zeros(*Wt.shape[:2], d, dtype=dt, device=dev), "b0": torch.zeros(Wt.shape[:2], dtype=dt, device=dev),
              "chol": _hessian_cholesky(0.25 * M2, 0.25 * c1, 0.25 * c0, mu, sc, C, reg),  # the Hessian at beta = 0
-             "last": torch.full((R,), math.inf, dtype=dt, device=dev)}
+             "last": torch.full(Wt.shape[:2], math.inf, dtype=dt, device=dev)}
     del M2
     _pool_newton(Xa.float(), Wt, fit, state, curvature, C, reg, COARSE_TOL, max_iter // 2, 1e-5, trace, strict=False)
     _pool_newton(Xa, Wt, fit, state, curvature, C, reg, tol, max_iter, 1e-12, trace)
@@ -300,58 +304,64 @@ def _pool_lr(X: Tensor, W1: Tensor, Wt: Tensor, C: float, max_iter: int = 100, t
 
 def _pool_newton(Xa: Tensor, Wt: Tensor, fit: dict, state: dict, curvature, C: float, reg: Tensor, tol: float,
                  max_iter: int, slack: float, trace: list | None, strict: bool = True) -> None:
-    """Newton iterations of :func:`_pool_lr` in the dtype of the pool Xa (N, d+1: rows and a
-    ones column), updating ``state`` (beta, b0, Cholesky factors, last step sizes) in place
-    until every fit's step is below ``tol``.
+    """Newton iterations of :func:`_pool_lr` in the dtype of the pool Xa (rows and a ones
+    column), updating ``state`` (beta, b0, Cholesky factors, last step sizes; (G, r, ...)) in
+    place until every fit's step is below ``tol``.
 
-    Each fit takes the longest of the steps 1, 1/2, 1/4, ... that does not increase the
-    objective by more than ``slack`` (relative) while its steps exceed ``REFRESH_ABOVE`` or
-    stop contracting; afterwards full steps without evaluating the objective. Its Hessian is
-    rebuilt while its steps shrink by less than a factor ``REFRESH_RATE`` each. Converged
-    fits leave the working set (which is compacted, so later passes only touch active fits).
-    ``strict``: raise when fits are left after ``max_iter`` (else keep where they are)."""
+    A group (its r fits together) takes the longest of the steps 1, 1/2, 1/4, ... (per fit)
+    that does not increase a fit's objective by more than ``slack`` (relative) while one of
+    its steps exceeds ``REFRESH_ABOVE`` or stops contracting; afterwards full steps without
+    evaluating the objective. A group's Hessians are rebuilt while one of its fits' steps
+    shrinks by less than a factor ``REFRESH_RATE``. Converged groups leave the working set
+    (which is compacted, so later passes only touch active groups). ``strict``: raise when
+    fits are left after ``max_iter`` (else keep where they are)."""
     dt, dev = Xa.dtype, Xa.device
-    d = Xa.shape[1] - 1
-    X = Xa[:, :d]
-    R = Wt.shape[0]
-    idx = torch.arange(R, device=dev)
+    d = Xa.shape[-1] - 1
+    shared = Xa.dim() == 2
+    G = Wt.shape[0]
+    idx = torch.arange(G, device=dev)
     w = {k: v.to(dt) for k, v in fit.items()}
     be, bb, last = state["beta"].to(dt), state["b0"].to(dt), state["last"].clone()
-    wt = Wt
-    v0 = be / w["sc"]
-    p = torch.sigmoid_(torch.addmm((bb - (w["mu"] * v0).sum(-1)).unsqueeze(-1), v0, X.T))
-    ob = torch.zeros(R, dtype=dt, device=dev)
-    valid = torch.zeros(R, dtype=torch.bool, device=dev)
-    refresh = torch.zeros(R, dtype=torch.bool, device=dev)
-    search = last > REFRESH_ABOVE
-    last = torch.where(torch.isinf(last), last, torch.full_like(last, math.inf))  # no rate yet in this dtype
+    wt, Xg = Wt, Xa
+
+    def logits(v, c, X_):
+        return torch.sigmoid_(torch.matmul(v, X_[..., :d].transpose(-1, -2)).add_(c.unsqueeze(-1)))
 
     def objective(nb, v, c, w0x, w0s, wt_, p_):
         return 0.5 * (nb**2).sum(-1) + C * ((w0x * v).sum(-1) + c * w0s - torch.linalg.vecdot(wt_.to(dt), torch.log(p_)))
 
+    v0 = be / w["sc"]
+    p = logits(v0, bb - (w["mu"] * v0).sum(-1), Xg)
+    ob = torch.zeros(be.shape[:2], dtype=dt, device=dev)
+    valid = torch.zeros(G, dtype=torch.bool, device=dev)
+    refresh = torch.zeros(G, dtype=torch.bool, device=dev)
+    search = (last > REFRESH_ABOVE).any(-1)
+    last = torch.full_like(last, math.inf)  # no rate yet in this dtype
+
+    def rows(mask):
+        sel = mask.nonzero().squeeze(1)
+        return (lambda x: x) if sel.numel() == mask.numel() else (lambda x: x[sel]), sel
+
     for _ in range(max_iter):
         mu, sc = w["mu"], w["sc"]
         wp = wt * p
-        ga = wp @ Xa
-        rs = ga[:, d] - w["w1s"]
-        grad = torch.cat([C * (ga[:, :d] - w["w1x"] - rs.unsqueeze(-1) * mu) / sc + be, C * rs.unsqueeze(-1)], -1).double()
+        ga = torch.matmul(wp, Xg)
+        rs = ga[..., d] - w["w1s"]
+        grad = torch.cat([C * (ga[..., :d] - w["w1x"] - rs.unsqueeze(-1) * mu) / sc + be, C * rs.unsqueeze(-1)], -1).double()
         n_refresh = int(refresh.sum())
         if n_refresh:
-            sel = refresh.nonzero().squeeze(1)
-            s = torch.addcmul(wp, wp, p, value=-1) if n_refresh > 0.7 * len(idx) else None
-            s = s[sel] if s is not None and n_refresh < len(idx) else (s if s is not None else torch.addcmul(wp[sel], wp[sel], p[sel], value=-1))
-            state["chol"][idx[sel]] = _hessian_cholesky(*curvature(s), mu[sel].double(), sc[sel].double(), C, reg)
+            g, sel = rows(refresh)
+            s = torch.addcmul(g(wp), g(wp), g(p), value=-1)
+            state["chol"][idx[sel]] = _hessian_cholesky(*curvature(s, None if shared else idx[sel]), g(mu).double(), g(sc).double(), C, reg)
             del s
         del wp
         step = torch.cholesky_solve(grad.unsqueeze(-1), state["chol"][idx]).squeeze(-1).to(dt)
-        t = torch.ones(len(idx), dtype=dt, device=dev)
-        nb, nb0 = be - step[:, :d], bb - step[:, d]
+        t = torch.ones(be.shape[:2], dtype=dt, device=dev)
+        nb, nb0 = be - step[..., :d], bb - step[..., d]
         v = nb / sc
-        pn = torch.sigmoid_(torch.addmm((nb0 - (mu * v).sum(-1)).unsqueeze(-1), v, X.T))
+        pn = logits(v, nb0 - (mu * v).sum(-1), Xg)
         if search.any():  # backtracking on the exact objective
-            sel = search.nonzero().squeeze(1)
-            full = sel.numel() == len(idx)
-            g = (lambda x: x) if full else (lambda x: x[sel])
+            g, sel = rows(search)
             need = ~valid[sel]
             if need.any():  # objective at the current point
                 j = sel[need.nonzero().squeeze(1)]
@@ -359,8 +369,9 @@ def _pool_newton(Xa: Tensor, Wt: Tensor, fit: dict, state: dict, curvature, C: f
                 ob[j] = objective(be[j], vj, bb[j] - (mu[j] * vj).sum(-1), w["w0x"][j], w["w0s"][j], wt[j], p[j])
             ts, pns, obs = g(t), g(pn), g(ob)
             bes, bbs, sts, scs, mus, w0xs, w0ss, wts = (g(x) for x in (be, bb, step, sc, mu, w["w0x"], w["w0s"], wt))
+            Xs = Xg if shared else g(Xg)
             for _h in range(40):
-                nbs, nb0s = bes - ts.unsqueeze(-1) * sts[:, :d], bbs - ts * sts[:, d]
+                nbs, nb0s = bes - ts.unsqueeze(-1) * sts[..., :d], bbs - ts * sts[..., d]
                 vs = nbs / scs
                 cs = nb0s - (mus * vs).sum(-1)
                 on = objective(nbs, vs, cs, w0xs, w0ss, wts, pns)
@@ -368,21 +379,21 @@ def _pool_newton(Xa: Tensor, Wt: Tensor, fit: dict, state: dict, curvature, C: f
                 if not bad.any():
                     break
                 ts = torch.where(bad, ts / 2, ts)
-                pns = torch.where(bad.unsqueeze(-1), torch.sigmoid(torch.addmm(cs.unsqueeze(-1), vs, X.T)), pns)
-            if full:
+                pns = torch.where(bad.unsqueeze(-1), logits(vs, cs, Xs), pns)
+            if sel.numel() == G:
                 t, pn, ob = ts, pns, on
             else:
                 t[sel], pn[sel], ob[sel] = ts, pns, on
-            nb, nb0 = be - t.unsqueeze(-1) * step[:, :d], bb - t * step[:, d]
+            nb, nb0 = be - t.unsqueeze(-1) * step[..., :d], bb - t * step[..., d]
         valid = search.clone()
-        moved = (t.unsqueeze(-1) * step).abs().amax(-1).double()
-        refresh = (moved > REFRESH_RATE * last) & (moved > 10 * tol)
-        search = (moved > REFRESH_ABOVE) | (moved > 0.5 * last) | (t < 1)
+        moved = (t.unsqueeze(-1) * step).abs().amax(-1).double()  # (G, r)
+        refresh = ((moved > REFRESH_RATE * last) & (moved > 10 * tol)).any(-1)
+        search = ((moved > REFRESH_ABOVE) | (moved > 0.5 * last) | (t < 1)).any(-1)
         if trace is not None:
             trace.append((str(dt)[-2:], len(idx), n_refresh, int(search.sum()), float(moved.max())))
         be, bb, p, last = nb, nb0, pn, moved
-        done = moved < tol
-        if done.any():  # converged fits leave the working set
+        done = (moved < tol).all(-1)
+        if done.any():  # converged groups leave the working set
             j = idx[done]
             state["beta"][j], state["b0"][j], state["last"][j] = be[done].double(), bb[done].double(), last[done]
             keep = ~done
@@ -390,10 +401,13 @@ def _pool_newton(Xa: Tensor, Wt: Tensor, fit: dict, state: dict, curvature, C: f
                 return
             idx, be, bb, p, last, wt, ob, valid, refresh, search = (x[keep] for x in (idx, be, bb, p, last, wt, ob, valid, refresh, search))
             w = {k: v[keep] for k, v in w.items()}
+            if not shared:
+                Xg = Xg[keep]
+        G = len(idx)
     if not strict:
         state["beta"][idx], state["b0"][idx], state["last"][idx] = be.double(), bb.double(), last
         return
-    raise RuntimeError(f"{len(idx)} logistic regressions did not converge in {max_iter} iterations.")
+    raise RuntimeError(f"{int(idx.numel())} groups of logistic regressions did not converge in {max_iter} iterations.")
 
 
 # --------------------------------------------------------------------------- resampling
@@ -537,10 +551,11 @@ def _fit_and_score(F: Tensor, draw: TrialDraw, proc: Procedure, C: float) -> tup
     return scores, fold
 
 
-def _fit_and_score_pool(F: Tensor, draw: TrialDraw, proc: Procedure, C: float) -> tuple[Tensor, Tensor]:
-    """As :func:`_fit_and_score`, with every fold model as a weight vector over the rows the
-    trials draw from (the solver :func:`_pool_lr`): the faster way when each trial uses a
-    good part of the pool (large |P|, permutations)."""
+def _fit_and_score_pool(F: Tensor, draw: TrialDraw, proc: Procedure, C: float, local: bool = False) -> tuple[Tensor, Tensor]:
+    """As :func:`_fit_and_score`, with every fold model as a weight vector over a pool of rows
+    (the solver :func:`_pool_lr`): the rows all trials draw from (one GEMM per product over
+    all fits: the faster way when each trial uses a good part of them, as with permutations),
+    or with ``local`` each trial's own rows."""
     T, n_p = draw.idx_p.shape
     dev = F.device
     idx = torch.cat([draw.idx_p, draw.idx_u], 1)
@@ -551,20 +566,28 @@ def _fit_and_score_pool(F: Tensor, draw: TrialDraw, proc: Procedure, C: float) -
     X = X - X.mean(0)
     s = X.std(0)
     X = X / torch.where(s > 0, s, torch.ones_like(s))  # the fits are invariant to per-column scaling
-    train = torch.zeros(m, proc.folds, dtype=torch.float64, device=dev)
+    train = torch.zeros(m, proc.folds, dtype=torch.float32, device=dev)
     for j, fs in enumerate(proc.train):
         train[j, list(fs)] = 1.0
     src = train[:, fold].transpose(0, 1)  # (T, m, n): 1 where row i fits model j
-    y = torch.cat([torch.ones(n_p), torch.zeros(n - n_p)]).double().to(dev)
-    at = inv.unsqueeze(1).expand(T, m, n)
-    W1 = torch.zeros(T, m, len(used), dtype=torch.float64, device=dev).scatter_add_(2, at, src * y)
-    Wt = torch.zeros(T, m, len(used), dtype=torch.float32, device=dev).scatter_add_(2, at, src.float())  # small counts: exact
-    beta, b0, mu, sc = _pool_lr(X, W1.view(T * m, -1), Wt.view(T * m, -1), C)
-    del W1, Wt
-    v = beta / sc
-    z = torch.addmm((b0 - (mu * v).sum(-1)).unsqueeze(-1), v, X.T).view(T, m * len(used))
+    y = torch.cat([torch.ones(n_p), torch.zeros(n - n_p)]).to(dev)
     model = torch.tensor(proc.score, device=dev)[fold]  # (T, n)
-    scores = z.gather(1, model.clamp_min(0) * len(used) + inv)
+    if local:
+        X = X[inv]  # (T, n, d)
+        beta, b0, mu, sc = _pool_lr(X, src * y, src, C)
+        v = beta / sc
+        z = torch.baddbmm((b0 - (mu * v).sum(-1)).unsqueeze(-1), v, X.transpose(1, 2))  # (T, m, n)
+        scores = z.gather(1, model.clamp_min(0).unsqueeze(1)).squeeze(1)
+    else:
+        at = inv.unsqueeze(1).expand(T, m, n)
+        N = len(used)
+        W1 = torch.zeros(T * m, 1, N, dtype=torch.float32, device=dev).view(T, m, N).scatter_add_(2, at, src * y)
+        Wt = torch.zeros(T * m, 1, N, dtype=torch.float32, device=dev).view(T, m, N).scatter_add_(2, at, src)  # small counts: exact
+        beta, b0, mu, sc = _pool_lr(X, W1.view(T * m, 1, N), Wt.view(T * m, 1, N), C)
+        del W1, Wt
+        v = beta.view(T * m, -1) / sc.view(T * m, -1)
+        z = torch.addmm((b0.view(-1) - (mu.view(T * m, -1) * v).sum(-1)).unsqueeze(-1), v, X.T).view(T, m * N)
+        scores = z.gather(1, model.clamp_min(0) * N + inv)
     return torch.where(model >= 0, scores, torch.full_like(scores, float("nan"))), fold
 
 
@@ -626,9 +649,10 @@ def batched_cdi(members: Tensor, nonmembers: Tensor, draw: TrialDraw, k: int = 5
 
     ``solver``: ``"gather"`` (each trial's rows gathered into fold blocks, :func:`_block_lr`),
     ``"pool"`` (every fold model a weight vector over the rows the trials draw from,
-    :func:`_pool_lr`) or ``"auto"``: the pool solver when a trial uses at least
-    ``POOL_ABOVE`` of those rows (large |P|, permutations), else gather. Both solve the
-    same problems to the same optimum.
+    :func:`_pool_lr`), ``"local"`` (the pool solver on each trial's own rows) or ``"auto"``:
+    pool when a trial uses at least ``POOL_ABOVE`` of the rows (large |P|, permutations,
+    null checks on a small reference set), else gather. All solve the same problems to the
+    same optimum (``benchmarks/cdi_speed.py`` times them).
     """
     proc = procedure if isinstance(procedure, Procedure) else make_procedure(procedure, k)
     F = torch.cat([torch.as_tensor(members), torch.as_tensor(nonmembers)]).double().to(device)
@@ -638,19 +662,22 @@ def batched_cdi(members: Tensor, nonmembers: Tensor, draw: TrialDraw, k: int = 5
         raise ValueError(f"procedure '{proc.name}' uses {proc.folds} folds; draw the trials with k={proc.folds}.")
     T, n_p = draw.idx_p.shape
     n, m = n_p + draw.idx_u.shape[1], len(proc.train)
-    if solver not in ("auto", "gather", "pool"):
-        raise ValueError(f"unknown solver '{solver}'; choose auto, gather or pool.")
+    if solver not in ("auto", "gather", "pool", "local"):
+        raise ValueError(f"unknown solver '{solver}'; choose auto, gather, pool or local.")
     pool_rows = int(torch.unique(torch.cat([draw.idx_p, draw.idx_u], 1)).numel())
-    use_pool = solver == "pool" or (solver == "auto" and n >= POOL_ABOVE * pool_rows)
-    if use_pool:
-        chunk = max(1, max_elements // (8 * m * pool_rows))
-    else:
-        chunk = max(1, max_elements // (n * (m + 1) * (F.shape[1] + 1)))
+    if solver == "auto":
+        solver = "pool" if n >= POOL_ABOVE * pool_rows else "gather"
+    d = F.shape[1]
+    # Elements per trial of the largest working tensors; the gather solver slows down when its
+    # (trials, rows, models, d) tensors leave the cache, so it takes a fifth of the budget.
+    per_trial = {"pool": 8 * m * pool_rows, "local": n * ((d + 1) * (d + 2) // 2 + 8 * m), "gather": 5 * n * (m + 1) * (d + 1)}[solver]
+    chunk = max(1, max_elements // per_trial)
+    fit_and_score = {"pool": _fit_and_score_pool, "local": partial(_fit_and_score_pool, local=True), "gather": _fit_and_score}[solver]
     out = {"p": [], "t": [], "cohen_d": [], "sP": [], "sU": []}
     for s in tqdm(range(0, T, chunk), disable=not progress, desc="CDI trials", leave=False):
         sub = draw[s : s + chunk]
         sub = TrialDraw(*(v.to(device) for v in (sub.idx_p, sub.idx_u, sub.fold_p, sub.fold_u)))
-        scores, fold = (_fit_and_score_pool if use_pool else _fit_and_score)(F, sub, proc, C)
+        scores, fold = fit_and_score(F, sub, proc, C)
         scores, fold = scores.cpu(), fold.cpu()
         t, p = _statistic(scores, fold, n_p, proc)
         sP, sU = scores[:, :n_p], scores[:, n_p:]
