@@ -298,12 +298,12 @@ def _pool_lr(X: Tensor, W1: Tensor, Wt: Tensor, C: float, max_iter: int = 100, t
              "last": torch.full(Wt.shape[:2], math.inf, dtype=dt, device=dev)}
     del M2
     _pool_newton(Xa.float(), Wt, fit, state, curvature, C, reg, COARSE_TOL, max_iter // 2, 1e-5, trace, strict=False)
-    _pool_newton(Xa, Wt, fit, state, curvature, C, reg, tol, max_iter, 1e-12, trace)
+    _pool_newton(Xa, Wt, fit, state, curvature, C, reg, tol, max_iter, 1e-12, trace, refresh_first=True)
     return state["beta"], state["b0"], mu, sc
 
 
 def _pool_newton(Xa: Tensor, Wt: Tensor, fit: dict, state: dict, curvature, C: float, reg: Tensor, tol: float,
-                 max_iter: int, slack: float, trace: list | None, strict: bool = True) -> None:
+                 max_iter: int, slack: float, trace: list | None, strict: bool = True, refresh_first: bool = False) -> None:
     """Newton iterations of :func:`_pool_lr` in the dtype of the pool Xa (rows and a ones
     column), updating ``state`` (beta, b0, Cholesky factors, last step sizes; (G, r, ...)) in
     place until every fit's step is below ``tol``.
@@ -314,7 +314,9 @@ def _pool_newton(Xa: Tensor, Wt: Tensor, fit: dict, state: dict, curvature, C: f
     evaluating the objective. A group's Hessians are rebuilt while one of its fits' steps
     shrinks by less than a factor ``REFRESH_RATE``. Converged groups leave the working set
     (which is compacted, so later passes only touch active groups). ``strict``: raise when
-    fits are left after ``max_iter`` (else keep where they are)."""
+    fits are left after ``max_iter`` (else keep where they are). ``refresh_first``: rebuild
+    every Hessian at the start point (the float64 polish starts close to the optimum, where
+    one exact Newton step leaves an error of the square of the distance)."""
     dt, dev = Xa.dtype, Xa.device
     d = Xa.shape[-1] - 1
     shared = Xa.dim() == 2
@@ -334,7 +336,7 @@ def _pool_newton(Xa: Tensor, Wt: Tensor, fit: dict, state: dict, curvature, C: f
     p = logits(v0, bb - (w["mu"] * v0).sum(-1), Xg)
     ob = torch.zeros(be.shape[:2], dtype=dt, device=dev)
     valid = torch.zeros(G, dtype=torch.bool, device=dev)
-    refresh = torch.zeros(G, dtype=torch.bool, device=dev)
+    refresh = torch.full((G,), refresh_first, dtype=torch.bool, device=dev)
     search = (last > REFRESH_ABOVE).any(-1)
     last = torch.full_like(last, math.inf)  # no rate yet in this dtype
 
