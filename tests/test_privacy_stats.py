@@ -153,6 +153,29 @@ def test_pool_solver_weights_are_row_copies_with_labels():
         np.testing.assert_allclose(sc[r, 0].numpy(), scaler.scale_, rtol=1e-10)
 
 
+def test_pool_solver_exact_with_outliers_outside_a_fit():
+    # A pool row far out (logits of thousands, where sigmoid underflows in float32 and
+    # float64, for the fits that do not use it) leaves the fits at sklearn's optimum.
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(6)
+    X = rng.normal(size=(60, 2))
+    X[:30, 0] += 1.5
+    X[59] = [2000.0, -2000.0]  # outlier, used by no fit
+    Wt = np.ones((2, 60))
+    Wt[:, 59] = 0
+    Wt[1, :10] = 0
+    W1 = Wt * (np.arange(60) < 30)
+    beta, b0, _, _ = S._pool_lr(torch.from_numpy(X), torch.from_numpy(W1).unsqueeze(1), torch.from_numpy(Wt).unsqueeze(1), C=1.0)
+    for r in range(2):
+        rows = Wt[r] > 0
+        scaler = StandardScaler().fit(X[rows])
+        lr = LogisticRegression(C=1.0, tol=1e-10, max_iter=10000).fit(scaler.transform(X[rows]), W1[r][rows])
+        np.testing.assert_allclose(beta[r, 0].numpy(), lr.coef_[0], atol=1e-6)
+        np.testing.assert_allclose(float(b0[r, 0]), lr.intercept_[0], atol=1e-6)
+
+
 def test_unknown_solver_is_refused():
     draw = S.draw_trials(20, 20, 10, 10, trials=1, seed=0)
     with pytest.raises(ValueError, match="unknown solver"):

@@ -260,7 +260,8 @@ def _pool_lr(X: Tensor, W1: Tensor, Wt: Tensor, C: float, max_iter: int = 100, t
     each of these is one GEMM over all fits. The objective is sklearn's,
     0.5 ||beta||^2 + C sum_i [Wt_i softplus(z_i) - W1_i z_i], evaluated as
     0.5 ||beta||^2 + C [W0 X . v + c sum W0 - sum Wt log sigmoid(z)] for z = X v + c
-    (W0 = Wt - W1), so a step costs one sigmoid and one log pass over W's shape.
+    (W0 = Wt - W1), so a step costs one sigmoid and (while it is checked) one log-sigmoid
+    pass over W's shape.
 
     Newton's method from beta = 0, where the Hessian is the moments' own (p = 1/2), in two
     phases: float32 until the steps are below ``COARSE_TOL``, then float64 from there to
@@ -269,7 +270,7 @@ def _pool_lr(X: Tensor, W1: Tensor, Wt: Tensor, C: float, max_iter: int = 100, t
     X should be centred and scaled per column (the fits are invariant to it). Wt may be
     float32 (it holds small counts). Returns (beta, b0, mu, sc), each (G, r, ...).
     """
-    N, d = X.shape[-2:]
+    d = X.shape[-1]
     dt, dev = torch.float64, X.device
     Xa = torch.cat([X, torch.ones(*X.shape[:-1], 1, dtype=dt, device=dev)], -1)
     iu = torch.triu_indices(d + 1, d + 1, device=dev)
@@ -327,13 +328,13 @@ def _pool_newton(Xa: Tensor, Wt: Tensor, fit: dict, state: dict, curvature, C: f
     wt, Xg = Wt, Xa
 
     def logits(v, c, X_):
-        return torch.sigmoid_(torch.matmul(v, X_[..., :d].transpose(-1, -2)).add_(c.unsqueeze(-1)))
+        return torch.matmul(v, X_[..., :d].transpose(-1, -2)).add_(c.unsqueeze(-1))
 
-    def objective(nb, v, c, w0x, w0s, wt_, p_):
-        return 0.5 * (nb**2).sum(-1) + C * ((w0x * v).sum(-1) + c * w0s - torch.linalg.vecdot(wt_.to(dt), torch.log(p_)))
+    def objective(nb, v, c, w0x, w0s, wt_, z_):  # log sigmoid(z) exactly, also where sigmoid(z) underflows
+        return 0.5 * (nb**2).sum(-1) + C * ((w0x * v).sum(-1) + c * w0s - torch.linalg.vecdot(wt_.to(dt), torch.nn.functional.logsigmoid(z_)))
 
     v0 = be / w["sc"]
-    p = logits(v0, bb - (w["mu"] * v0).sum(-1), Xg)
+    z = logits(v0, bb - (w["mu"] * v0).sum(-1), Xg)
     ob = torch.zeros(be.shape[:2], dtype=dt, device=dev)
     valid = torch.zeros(G, dtype=torch.bool, device=dev)
     refresh = torch.full((G,), refresh_first, dtype=torch.bool, device=dev)
@@ -346,6 +347,7 @@ def _pool_newton(Xa: Tensor, Wt: Tensor, fit: dict, state: dict, curvature, C: f
 
     for _ in range(max_iter):
         mu, sc = w["mu"], w["sc"]
+        p = torch.sigmoid(z)
         wp = wt * p
         ga = torch.matmul(wp, Xg)
         rs = ga[..., d] - w["w1s"]
@@ -356,36 +358,36 @@ def _pool_newton(Xa: Tensor, Wt: Tensor, fit: dict, state: dict, curvature, C: f
             s = torch.addcmul(g(wp), g(wp), g(p), value=-1)
             state["chol"][idx[sel]] = _hessian_cholesky(*curvature(s, None if shared else idx[sel]), g(mu).double(), g(sc).double(), C, reg)
             del s
-        del wp
+        del wp, p
         step = torch.cholesky_solve(grad.unsqueeze(-1), state["chol"][idx]).squeeze(-1).to(dt)
         t = torch.ones(be.shape[:2], dtype=dt, device=dev)
         nb, nb0 = be - step[..., :d], bb - step[..., d]
         v = nb / sc
-        pn = logits(v, nb0 - (mu * v).sum(-1), Xg)
+        zn = logits(v, nb0 - (mu * v).sum(-1), Xg)
         if search.any():  # backtracking on the exact objective
             g, sel = rows(search)
             need = ~valid[sel]
             if need.any():  # objective at the current point
                 j = sel[need.nonzero().squeeze(1)]
                 vj = be[j] / sc[j]
-                ob[j] = objective(be[j], vj, bb[j] - (mu[j] * vj).sum(-1), w["w0x"][j], w["w0s"][j], wt[j], p[j])
-            ts, pns, obs = g(t), g(pn), g(ob)
+                ob[j] = objective(be[j], vj, bb[j] - (mu[j] * vj).sum(-1), w["w0x"][j], w["w0s"][j], wt[j], z[j])
+            ts, zns, obs = g(t), g(zn), g(ob)
             bes, bbs, sts, scs, mus, w0xs, w0ss, wts = (g(x) for x in (be, bb, step, sc, mu, w["w0x"], w["w0s"], wt))
             Xs = Xg if shared else g(Xg)
             for _h in range(40):
                 nbs, nb0s = bes - ts.unsqueeze(-1) * sts[..., :d], bbs - ts * sts[..., d]
                 vs = nbs / scs
                 cs = nb0s - (mus * vs).sum(-1)
-                on = objective(nbs, vs, cs, w0xs, w0ss, wts, pns)
+                on = objective(nbs, vs, cs, w0xs, w0ss, wts, zns)
                 bad = on > obs + slack * obs.abs()
                 if not bad.any():
                     break
                 ts = torch.where(bad, ts / 2, ts)
-                pns = torch.where(bad.unsqueeze(-1), logits(vs, cs, Xs), pns)
+                zns = torch.where(bad.unsqueeze(-1), logits(vs, cs, Xs), zns)
             if sel.numel() == G:
-                t, pn, ob = ts, pns, on
+                t, zn, ob = ts, zns, on
             else:
-                t[sel], pn[sel], ob[sel] = ts, pns, on
+                t[sel], zn[sel], ob[sel] = ts, zns, on
             nb, nb0 = be - t.unsqueeze(-1) * step[..., :d], bb - t * step[..., d]
         valid = search.clone()
         moved = (t.unsqueeze(-1) * step).abs().amax(-1).double()  # (G, r)
@@ -393,7 +395,7 @@ def _pool_newton(Xa: Tensor, Wt: Tensor, fit: dict, state: dict, curvature, C: f
         search = ((moved > REFRESH_ABOVE) | (moved > 0.5 * last) | (t < 1)).any(-1)
         if trace is not None:
             trace.append((str(dt)[-2:], len(idx), n_refresh, int(search.sum()), float(moved.max())))
-        be, bb, p, last = nb, nb0, pn, moved
+        be, bb, z, last = nb, nb0, zn, moved
         done = (moved < tol).all(-1)
         if done.any():  # converged groups leave the working set
             j = idx[done]
@@ -401,7 +403,7 @@ def _pool_newton(Xa: Tensor, Wt: Tensor, fit: dict, state: dict, curvature, C: f
             keep = ~done
             if not keep.any():
                 return
-            idx, be, bb, p, last, wt, ob, valid, refresh, search = (x[keep] for x in (idx, be, bb, p, last, wt, ob, valid, refresh, search))
+            idx, be, bb, z, last, wt, ob, valid, refresh, search = (x[keep] for x in (idx, be, bb, z, last, wt, ob, valid, refresh, search))
             w = {k: v[keep] for k, v in w.items()}
             if not shared:
                 Xg = Xg[keep]
