@@ -116,7 +116,7 @@ def main() -> None:
                 _print_null(proc, name, n_p, n_u, "all", torch.cat(pooled))
     if args.no_power:
         return
-    print(f"\nPower on members (P members, U non-members, |U| = |P|): rejection rate at alpha = 0.01, mean p")
+    print("\nPower on members (P members, U non-members, |U| = |P|): rejection rate at alpha = 0.01, mean p")
     print(f"{'procedure':<22}{'features':<12}" + "".join(f"{'|P|=' + str(n):>18}" for n in args.power_sizes))
     for proc in args.procedures:
         for name in [k for k in ("all", "gray-box", "existing") if k in sets]:
