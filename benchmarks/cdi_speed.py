@@ -1,8 +1,8 @@
 """CDI speed: network evaluations per sample, seconds per 64 samples per feature, statistics.
 
-    python benchmarks/cdi_speed.py                 # statistics only, short: |P| = 10, 100, 200 trials
-    python benchmarks/cdi_speed.py --full          # |P| = 10 ... 1000, 1000 trials, default and thesis procedures
-    python benchmarks/cdi_speed.py --full --device cuda   # the same, CPU and GPU side by side
+    python benchmarks/cdi_speed.py                 # statistics: |P| = 10, 100, 1000, 1000 trials, default, thesis, permutation
+    python benchmarks/cdi_speed.py --trials 200 --sizes 10 100   # shorter
+    python benchmarks/cdi_speed.py --device cuda   # the same, CPU and GPU side by side
     python benchmarks/cdi_speed.py --features --dit models/DiT-XL-2-256 --device cuda   # feature timings too
 
 Tables:
@@ -10,21 +10,33 @@ Tables:
    white-box features also run as many backward passes) against the minimum the definition
    needs, and seconds per batch of 64 samples per feature (Table C.9.1's unit);
 2. time of the batched resampling statistics on each device vs the straightforward sklearn
-   loop (timed on ``--loop_trials`` trials, scaled to ``--trials``), with the largest p-value
-   difference against the loop run to convergence (tol 1e-8) on the same splits.
+   loop on the same splits (timed on ``--loop_trials`` trials, scaled to ``--trials``), with
+   the largest p-value difference against the loop run to convergence (tol 1e-8). Rows: the
+   default procedure, the thesis' crossfit, and the exact permutation test (one (P, U) case,
+   ``--trials`` relabelings; the difference is over the relabelings' parametric p-values).
+
+Timing on a shared CPU: the loop and the batched solver are timed alternately in one run and
+the load average is printed with every row, so the ratio, not the seconds, is the result.
+The sklearn loop runs with its BLAS at one thread (on a loaded machine two BLAS threads made
+it up to ten times slower, which would flatter the ratio); torch uses ``--threads`` threads
+with ``OMP_WAIT_POLICY=PASSIVE`` (set here unless given: busy-waiting OpenMP threads on an
+oversubscribed CPU made the batched solver up to ten times slower).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its OpenMP threads
 
-from rsgm.privacy import stats as S
-from rsgm.privacy.diffusion_features import ACCESS, DiffusionFeatureExtractor, FeatureConfig, minimum_rows_per_sample
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from rsgm.privacy import stats as S  # noqa: E402
+from rsgm.privacy.diffusion_features import ACCESS, DiffusionFeatureExtractor, FeatureConfig, minimum_rows_per_sample  # noqa: E402
 
 
 def digits_target(path: str):
@@ -66,35 +78,55 @@ def print_features(title: str, rows: list[tuple]) -> None:
         print(f"{name:<8}{access:<8}{rows_:>12.1f}{minimum:>9}{sec:>16.3f}")
 
 
-def stats_table(trials: int, loop_trials: int, sizes: list[int], d: int, devices: list[str], procedures: list[str]) -> None:
+def _timed(fn):
+    """(result, wall seconds, CPU seconds of this process, all threads)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - t0, time.process_time() - c0
+
+
+def stats_table(trials: int, loop_trials: int, sizes: list[int], d: int, devices: list[str], procedures: list[str],
+                permutation: bool = True) -> list[tuple]:
     """Batched statistics on each device vs the straightforward sklearn loop on the same splits."""
+    from threadpoolctl import threadpool_limits
+
     rng = np.random.default_rng(0)
     members = torch.from_numpy(rng.normal(0.05, 1, (2000, d)))
     nonmembers = torch.from_numpy(rng.normal(0, 1, (2000, d)))
-    print(f"\nResampling statistics: {trials} trials per |P| (|U| = |P|), {d} features, torch threads {torch.get_num_threads()}; "
-          f"the sklearn loop (StandardScaler + LogisticRegression per fold model, scipy Welch) timed on {loop_trials} trials and scaled to {trials}")
-    head = "".join(f"{dev + ' s':>12}{'x loop':>8}" for dev in devices)
-    print(f"{'procedure':<22}{'|P|':>6}{'loop s':>10}{head}{'max |dp|':>11}")
-    for proc in procedures:
-        k = S.make_procedure(proc).folds
-        for n in sizes:
+    print(f"\nResampling statistics: {trials} trials per |P| (|U| = |P|; P from 2000 members, U from 2000 non-members), {d} features, "
+          f"torch threads {torch.get_num_threads()}; the sklearn loop (StandardScaler + LogisticRegression per fold model, "
+          f"scipy Welch; BLAS 1 thread) timed on {loop_trials} trials and scaled to {trials}")
+    head = "".join(f"{dev + ' s':>10}{'x loop':>8}{'cpu s':>8}{'x loop':>8}" for dev in devices)
+    print("(wall-clock seconds and their ratio; then CPU seconds of the process, all threads, and their ratio)")
+    print(f"{'procedure':<24}{'|P|':>6}{'loop s':>9}{'cpu s':>9}{head}{'max |dp|':>11}{'load':>7}")
+    rows = []
+    cases = [(proc, n) for proc in procedures for n in sizes] + ([("permutation", n) for n in sizes] if permutation else [])
+    for proc, n in cases:
+        if proc == "permutation":  # one (P, U) case, `trials` relabelings of P u U (the first one observed)
+            name, k = S.DEFAULT_PROCEDURE, S.make_procedure(S.DEFAULT_PROCEDURE).folds
+            pool = torch.cat([members[:n], nonmembers[:n]])
+            draw = S.permutation_draw(n, n, trials - 1, k, seed=n)
+            mem, non = pool, pool[:0]
+        else:
+            name, k = proc, S.make_procedure(proc).folds
             draw = S.draw_trials(2000, 2000, n, n, trials, k=k, seed=n)
-            S.loop_cdi(members, nonmembers, draw[:1], procedure=proc)  # warm-up: imports
-            t0 = time.perf_counter()
-            S.loop_cdi(members, nonmembers, draw[:loop_trials], procedure=proc)
-            t_loop = (time.perf_counter() - t0) * trials / loop_trials
-            exact = S.loop_cdi(members, nonmembers, draw[:loop_trials], tol=1e-8, procedure=proc)  # same splits, converged
-            cells, diff = "", 0.0
-            for dev in devices:
-                S.batched_cdi(members, nonmembers, draw[:2], device=dev, procedure=proc)  # warm-up
-                sync(dev)
-                t0 = time.perf_counter()
-                fast = S.batched_cdi(members, nonmembers, draw, device=dev, procedure=proc)["p"].numpy()
-                sync(dev)
-                t = time.perf_counter() - t0
-                cells += f"{t:>12.2f}{t_loop / t:>8.1f}"
-                diff = max(diff, float(np.abs(fast[:loop_trials] - exact).max()))
-            print(f"{proc:<22}{n:>6}{t_loop:>10.1f}{cells}{diff:>11.1e}", flush=True)
+            mem, non = members, nonmembers
+        with threadpool_limits(1):
+            S.loop_cdi(mem, non, draw[:1], procedure=name)  # warm-up: imports
+            _, t_loop, c_loop = _timed(lambda: S.loop_cdi(mem, non, draw[:loop_trials], procedure=name))
+            exact = S.loop_cdi(mem, non, draw[:loop_trials], tol=1e-8, procedure=name)  # same splits, converged
+        t_loop, c_loop = t_loop * trials / loop_trials, c_loop * trials / loop_trials
+        cells, diff = "", 0.0
+        for dev in devices:
+            S.batched_cdi(mem, non, draw[:2], device=dev, procedure=name)  # warm-up
+            sync(dev)
+            res, t, c = _timed(lambda: (S.batched_cdi(mem, non, draw, device=dev, procedure=name), sync(dev))[0])
+            fast = res["p"].numpy()
+            cells += f"{t:>10.2f}{t_loop / t:>8.1f}{c:>8.2f}{c_loop / c:>8.1f}"
+            diff = max(diff, float(np.abs(fast[:loop_trials] - exact).max()))
+            rows.append((proc, n, t_loop, dev, t, t_loop / t, c_loop / c, diff))
+        print(f"{proc:<24}{n:>6}{t_loop:>9.1f}{c_loop:>9.1f}{cells}{diff:>11.1e}{os.getloadavg()[0]:>7.1f}", flush=True)
+    return rows
 
 
 def main() -> None:
@@ -105,17 +137,19 @@ def main() -> None:
                     help="statistics (and features) also on this device; with cuda, CPU and GPU are timed in one run")
     ap.add_argument("--features", action="store_true", help="also time the feature extraction (needs the digits model or builds an untrained one)")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--full", action="store_true", help="the full sizes: |P| = 10, 30, 100, 300, 1000, 1000 trials, both procedures")
-    ap.add_argument("--trials", type=int, default=200)
-    ap.add_argument("--loop_trials", type=int, default=10)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[10, 100])
-    ap.add_argument("--procedures", nargs="+", default=[S.DEFAULT_PROCEDURE])
+    ap.add_argument("--full", action="store_true", help="also |P| = 30 and 300")
+    ap.add_argument("--trials", type=int, default=1000)
+    ap.add_argument("--loop_trials", type=int, default=20)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000])
+    ap.add_argument("--procedures", nargs="+", default=[S.DEFAULT_PROCEDURE, "crossfit"])
+    ap.add_argument("--no_permutation", action="store_true", help="skip the permutation-test rows")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     if args.full:
-        args.sizes, args.trials, args.loop_trials, args.procedures = [10, 30, 100, 300, 1000], 1000, 20, [S.DEFAULT_PROCEDURE, "crossfit"]
+        args.sizes = sorted(set(args.sizes) | {10, 30, 100, 300, 1000})
     torch.set_num_threads(args.threads)
-    print(f"device {args.device}, torch threads {torch.get_num_threads()}")
+    print(f"device {args.device}, torch threads {torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
+          f"load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 
     if args.features:
         from rsgm.datamodules.membership import digits_images
@@ -134,7 +168,7 @@ def main() -> None:
         print_features(f"DiT-256 ({args.dit}), batch of 64", feature_table(dit, xs, cls, args.device, 1, max_batch=256))
 
     devices = ["cpu"] + ([args.device] if args.device != "cpu" else [])
-    stats_table(args.trials, args.loop_trials, args.sizes, 26, devices, args.procedures)
+    stats_table(args.trials, args.loop_trials, args.sizes, 26, devices, args.procedures, not args.no_permutation)
 
 
 if __name__ == "__main__":

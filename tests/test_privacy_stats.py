@@ -108,10 +108,78 @@ def test_batched_cdi_matches_sklearn_loop(shift, n_p, n_u, procedure):
     nonmembers = torch.from_numpy(rng.normal(0, 1, (150, 6)) * np.array([1, 2, 5, 1, 0.5, 1]) + np.array([0, 100, 0, -3, 0, 0]))
     k = S.make_procedure(procedure).folds
     draw = S.draw_trials(120, 150, n_p, n_u, trials=12, k=k, seed=2)
-    fast = S.batched_cdi(members, nonmembers, draw, procedure=procedure)["p"].numpy()
     slow = S.loop_cdi(members, nonmembers, draw, tol=1e-8, procedure=procedure)
-    np.testing.assert_allclose(fast, slow, atol=1e-3)
-    np.testing.assert_allclose(fast, slow, atol=1e-6)  # the exact optimum agrees far tighter
+    for solver in ("gather", "pool", "local"):  # every solver reaches the same optimum
+        fast = S.batched_cdi(members, nonmembers, draw, procedure=procedure, solver=solver)["p"].numpy()
+        np.testing.assert_allclose(fast, slow, atol=1e-3, err_msg=solver)
+        np.testing.assert_allclose(fast, slow, atol=1e-6, err_msg=solver)  # the exact optimum agrees far tighter
+
+
+@pytest.mark.parametrize("procedure", ["sequential_stratified", "crossfit"])
+def test_permutation_statistics_match_sklearn_loop(procedure):
+    # The permutation test's relabelings (every row of P u U in every trial: the pool solver)
+    # give the loop's p-values on the same splits.
+    rng = np.random.default_rng(4)
+    P, U = rng.normal(0.3, 1, (25, 5)) * [1, 3, 1, 1, 0.2], rng.normal(0, 1, (30, 5)) * [1, 3, 1, 1, 0.2]
+    pool = torch.from_numpy(np.concatenate([P, U]))
+    draw = S.permutation_draw(25, 30, 9, 5, seed=1)
+    assert draw.idx_p[0].tolist() == list(range(25))  # trial 0: the observed labelling
+    fast = S.batched_cdi(pool, pool[:0], draw, procedure=procedure)
+    slow = S.loop_cdi(pool, pool[:0], draw, tol=1e-8, procedure=procedure)
+    np.testing.assert_allclose(fast["p"].numpy(), slow, atol=1e-6)
+    t = fast["t"]
+    out = S.permutation_test(torch.from_numpy(P), torch.from_numpy(U), permutations=9, procedure=procedure, seed=1)
+    assert out["p"] == pytest.approx((1 + int((t[1:] >= t[0]).sum())) / 10)
+
+
+def test_pool_solver_weights_are_row_copies_with_labels():
+    # Wt[r, i] copies of pool row i, W1[r, i] of them labelled 1: the same fit as sklearn on the
+    # rows written out (a row may appear with both labels), standardisation included.
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(40, 3)) * [1, 4, 0.5]
+    Wt = rng.integers(0, 3, size=(3, 40)).astype(float)
+    W1 = np.minimum(Wt, rng.integers(0, 2, size=(3, 40)) + (Wt == 2))
+    beta, b0, mu, sc = S._pool_lr(torch.from_numpy(X), torch.from_numpy(W1).unsqueeze(1), torch.from_numpy(Wt).unsqueeze(1), C=0.5)
+    for r in range(3):
+        rows = np.repeat(np.arange(40), Wt[r].astype(int))
+        y = np.concatenate([[1.0] * int(W1[r, i]) + [0.0] * int(Wt[r, i] - W1[r, i]) for i in range(40)])
+        scaler = StandardScaler().fit(X[rows])
+        lr = LogisticRegression(C=0.5, tol=1e-10, max_iter=10000).fit(scaler.transform(X[rows]), y)
+        np.testing.assert_allclose(beta[r, 0].numpy(), lr.coef_[0], atol=1e-6)
+        np.testing.assert_allclose(float(b0[r, 0]), lr.intercept_[0], atol=1e-6)
+        np.testing.assert_allclose(sc[r, 0].numpy(), scaler.scale_, rtol=1e-10)
+
+
+def test_pool_solver_exact_with_outliers_outside_a_fit():
+    # A pool row far out (logits of thousands, where sigmoid underflows in float32 and
+    # float64, for the fits that do not use it) leaves the fits at sklearn's optimum.
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(6)
+    X = rng.normal(size=(60, 2))
+    X[:30, 0] += 1.5
+    X[59] = [2000.0, -2000.0]  # outlier, used by no fit
+    Wt = np.ones((2, 60))
+    Wt[:, 59] = 0
+    Wt[1, :10] = 0
+    W1 = Wt * (np.arange(60) < 30)
+    beta, b0, _, _ = S._pool_lr(torch.from_numpy(X), torch.from_numpy(W1).unsqueeze(1), torch.from_numpy(Wt).unsqueeze(1), C=1.0)
+    for r in range(2):
+        rows = Wt[r] > 0
+        scaler = StandardScaler().fit(X[rows])
+        lr = LogisticRegression(C=1.0, tol=1e-10, max_iter=10000).fit(scaler.transform(X[rows]), W1[r][rows])
+        np.testing.assert_allclose(beta[r, 0].numpy(), lr.coef_[0], atol=1e-6)
+        np.testing.assert_allclose(float(b0[r, 0]), lr.intercept_[0], atol=1e-6)
+
+
+def test_unknown_solver_is_refused():
+    draw = S.draw_trials(20, 20, 10, 10, trials=1, seed=0)
+    with pytest.raises(ValueError, match="unknown solver"):
+        S.batched_cdi(torch.zeros(20, 2), torch.zeros(20, 2), draw, solver="bogus")
 
 
 def test_draw_trials_disjoint_and_contaminated():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -133,6 +134,9 @@ def batched_logistic_regression(X: Tensor, y: Tensor, w: Tensor, C: float = 1.0,
 
 
 REFRESH_ABOVE = 1e-3  # a model's Hessian is rebuilt while its largest step exceeds this
+POOL_ABOVE = 0.15  # batched_cdi: the pool solver when a trial uses at least this fraction of the pool's rows
+COARSE_TOL = 1e-4  # pool solver: float32 Newton steps until the steps are below this, then float64
+REFRESH_RATE = 0.05  # pool solver: a fit's Hessian is rebuilt while its steps shrink by less than this factor
 
 
 def _block_lr(X: Tensor, y: Tensor, valid: Tensor, train: Tensor, C: float, max_iter: int = 100, tol: float = 1e-9):
@@ -222,20 +226,192 @@ def _block_lr(X: Tensor, y: Tensor, valid: Tensor, train: Tensor, C: float, max_
 def _curvature_cholesky(Xf: Tensor, s: Tensor, mu: Tensor, sc: Tensor, C: float, reg: Tensor) -> Tensor:
     """Cholesky factors (T, m, d+1, d+1) of the Hessians C * sum_i s_ji a_ji a_ji' + reg,
     a_ji = ((x_i - mu_j) / sc_j, 1), of m models sharing Xf (T, N, d); s: (T, m, N) holds
-    each model's weight x p (1 - p). The O(N m d^2) product is one batched matmul."""
+    each model's weight x p (1 - p). The O(N m d^2) product is one batched matmul, in float32."""
     T, N, d = Xf.shape
     m = s.shape[1]
-    Z = torch.mul(s.transpose(1, 2).unsqueeze(-1), Xf.unsqueeze(2), out=torch.empty(T, N, m, d, dtype=Xf.dtype, device=Xf.device))
-    M2 = torch.bmm(Xf.transpose(1, 2), Z.view(T, N, m * d)).view(T, d, m, d).transpose(1, 2)
-    m1 = torch.bmm(s, Xf)
-    m0 = s.sum(-1)
+    X32, s32 = Xf.float(), s.float()  # the Hessian only sets the direction: float32 is enough
+    Z = torch.mul(s32.transpose(1, 2).unsqueeze(-1), X32.unsqueeze(2), out=torch.empty(T, N, m, d, dtype=torch.float32, device=Xf.device))
+    M2 = torch.bmm(X32.transpose(1, 2), Z.view(T, N, m * d)).view(T, d, m, d).transpose(1, 2)
+    return _hessian_cholesky(M2.double(), torch.bmm(s32, X32).double(), s.sum(-1), mu, sc, C, reg)
+
+
+def _hessian_cholesky(M2: Tensor, m1: Tensor, m0: Tensor, mu: Tensor, sc: Tensor, C: float, reg: Tensor) -> Tensor:
+    """Cholesky factors of C * sum_i s_i a_i a_i' + reg, a_i = ((x_i - mu) / sc, 1), from the
+    raw curvature-weighted moments M2 = sum s x x', m1 = sum s x, m0 = sum s (batched)."""
+    d = mu.shape[-1]
     mm = mu.unsqueeze(-1) * m1.unsqueeze(-2)
     Hc = (M2 - mm - mm.transpose(-1, -2) + m0[..., None, None] * mu.unsqueeze(-1) * mu.unsqueeze(-2)) / (sc.unsqueeze(-1) * sc.unsqueeze(-2))
     g1 = (m1 - m0.unsqueeze(-1) * mu) / sc
-    H = torch.empty(T, m, d + 1, d + 1, dtype=torch.float64, device=Xf.device)
+    H = torch.empty(*mu.shape[:-1], d + 1, d + 1, dtype=torch.float64, device=mu.device)
     H[..., :d, :d], H[..., :d, d], H[..., d, :d], H[..., d, d] = Hc, g1, g1, m0
-    H = C * H + reg
-    return torch.linalg.cholesky(H)
+    return torch.linalg.cholesky(C * H + reg)
+
+
+def _pool_lr(X: Tensor, W1: Tensor, Wt: Tensor, C: float, max_iter: int = 100, tol: float = 1e-9, trace: list | None = None):
+    """StandardScaler + L2 logistic regressions whose rows all come from pools of rows: fit
+    (g, r) has Wt[g, r, i] copies of row i of its pool, W1[g, r, i] of them labelled 1, the
+    rest 0. X is one pool (N, d) shared by every fit (W: (R, 1, N)), or one pool per group
+    (G, N, d) (W: (G, r, N), e.g. a trial's own rows for its r fold models).
+
+    Every per-fit quantity is a product with the pool, so the solver runs on GEMMs instead of
+    a gathered (fits, rows, d) tensor: the weighted moments of all fits are W @ (N, .)
+    products with the pool's rows (standardisation) and per-row outer products (Hessians:
+    (N, (d+1)(d+2)/2)); gradients are W @ (N, d+1); logits (d) @ (d, N). With a shared pool
+    each of these is one GEMM over all fits. The objective is sklearn's,
+    0.5 ||beta||^2 + C sum_i [Wt_i softplus(z_i) - W1_i z_i], evaluated as
+    0.5 ||beta||^2 + C [W0 X . v + c sum W0 - sum Wt log sigmoid(z)] for z = X v + c
+    (W0 = Wt - W1), so a step costs one sigmoid and (while it is checked) one log-sigmoid
+    pass over W's shape.
+
+    Newton's method from beta = 0, where the Hessian is the moments' own (p = 1/2), in two
+    phases: float32 until the steps are below ``COARSE_TOL``, then float64 from there to
+    ``tol`` (:func:`_pool_newton`). The Hessians are always float32 products: they only set
+    the direction; the float64 gradient is exact, so the fixed point is the exact optimum.
+    X should be centred and scaled per column (the fits are invariant to it). Wt may be
+    float32 (it holds small counts). Returns (beta, b0, mu, sc), each (G, r, ...).
+    """
+    d = X.shape[-1]
+    dt, dev = torch.float64, X.device
+    Xa = torch.cat([X, torch.ones(*X.shape[:-1], 1, dtype=dt, device=dev)], -1)
+    iu = torch.triu_indices(d + 1, d + 1, device=dev)
+    outer32 = (Xa[..., iu[0]] * Xa[..., iu[1]]).float()  # (N, (d+1)(d+2)/2) per pool
+
+    def curvature(S: Tensor, gsel) -> tuple[Tensor, Tensor, Tensor]:
+        M = torch.zeros(*S.shape[:2], d + 1, d + 1, dtype=dt, device=dev)
+        M[..., iu[0], iu[1]] = torch.matmul(S.float(), outer32 if gsel is None else outer32[gsel]).double()
+        M = M + M.triu(1).transpose(-1, -2)
+        return M[..., :d, :d], M[..., :d, d], M[..., d, d]
+
+    mom = torch.matmul(Wt.double(), torch.cat([Xa, X * X], -1))  # exact float64 moments: standardisation
+    m1, m0, ex2 = mom[..., :d], mom[..., d], mom[..., d + 1:] / mom[..., d : d + 1]
+    del mom
+    mu = m1 / m0.unsqueeze(-1)
+    var = (ex2 - mu**2).clamp_min(0)
+    sc = torch.where(var > 1e-12 * ex2, var.sqrt(), torch.ones_like(var))  # constant column: scale 1, as StandardScaler
+    W1X = torch.matmul(W1.double(), Xa)
+    fit = {"w1x": W1X[..., :d], "w1s": W1X[..., d], "w0x": m1 - W1X[..., :d], "w0s": m0 - W1X[..., d], "mu": mu, "sc": sc}
+    reg = torch.eye(d + 1, dtype=dt, device=dev)
+    reg[-1, -1] = 0.0  # the intercept is not penalised
+    Wt = Wt.float()
+    M2, c1, c0 = curvature(Wt, None)
+    state = {"beta": torch.zeros(*Wt.shape[:2], d, dtype=dt, device=dev), "b0": torch.zeros(Wt.shape[:2], dtype=dt, device=dev),
+             "chol": _hessian_cholesky(0.25 * M2, 0.25 * c1, 0.25 * c0, mu, sc, C, reg),  # the Hessian at beta = 0
+             "last": torch.full(Wt.shape[:2], math.inf, dtype=dt, device=dev)}
+    del M2
+    _pool_newton(Xa.float(), Wt, fit, state, curvature, C, reg, COARSE_TOL, max_iter // 2, 1e-5, trace, strict=False)
+    _pool_newton(Xa, Wt, fit, state, curvature, C, reg, tol, max_iter, 1e-12, trace, refresh_first=True)
+    return state["beta"], state["b0"], mu, sc
+
+
+def _pool_newton(Xa: Tensor, Wt: Tensor, fit: dict, state: dict, curvature, C: float, reg: Tensor, tol: float,
+                 max_iter: int, slack: float, trace: list | None, strict: bool = True, refresh_first: bool = False) -> None:
+    """Newton iterations of :func:`_pool_lr` in the dtype of the pool Xa (rows and a ones
+    column), updating ``state`` (beta, b0, Cholesky factors, last step sizes; (G, r, ...)) in
+    place until every fit's step is below ``tol``.
+
+    A group (its r fits together) takes the longest of the steps 1, 1/2, 1/4, ... (per fit)
+    that does not increase a fit's objective by more than ``slack`` (relative) while one of
+    its steps exceeds ``REFRESH_ABOVE`` or stops contracting; afterwards full steps without
+    evaluating the objective. A group's Hessians are rebuilt while one of its fits' steps
+    shrinks by less than a factor ``REFRESH_RATE``. Converged groups leave the working set
+    (which is compacted, so later passes only touch active groups). ``strict``: raise when
+    fits are left after ``max_iter`` (else keep where they are). ``refresh_first``: rebuild
+    every Hessian at the start point (the float64 polish starts close to the optimum, where
+    one exact Newton step leaves an error of the square of the distance)."""
+    dt, dev = Xa.dtype, Xa.device
+    d = Xa.shape[-1] - 1
+    shared = Xa.dim() == 2
+    G = Wt.shape[0]
+    idx = torch.arange(G, device=dev)
+    w = {k: v.to(dt) for k, v in fit.items()}
+    be, bb, last = state["beta"].to(dt), state["b0"].to(dt), state["last"].clone()
+    wt, Xg = Wt, Xa
+
+    def logits(v, c, X_):
+        return torch.matmul(v, X_[..., :d].transpose(-1, -2)).add_(c.unsqueeze(-1))
+
+    def objective(nb, v, c, w0x, w0s, wt_, z_):  # log sigmoid(z) exactly, also where sigmoid(z) underflows
+        return 0.5 * (nb**2).sum(-1) + C * ((w0x * v).sum(-1) + c * w0s - torch.linalg.vecdot(wt_.to(dt), torch.nn.functional.logsigmoid(z_)))
+
+    v0 = be / w["sc"]
+    z = logits(v0, bb - (w["mu"] * v0).sum(-1), Xg)
+    ob = torch.zeros(be.shape[:2], dtype=dt, device=dev)
+    valid = torch.zeros(G, dtype=torch.bool, device=dev)
+    refresh = torch.full((G,), refresh_first, dtype=torch.bool, device=dev)
+    search = (last > REFRESH_ABOVE).any(-1)
+    last = torch.full_like(last, math.inf)  # no rate yet in this dtype
+
+    def rows(mask):
+        sel = mask.nonzero().squeeze(1)
+        return (lambda x: x) if sel.numel() == mask.numel() else (lambda x: x[sel]), sel
+
+    for _ in range(max_iter):
+        mu, sc = w["mu"], w["sc"]
+        p = torch.sigmoid(z)
+        wp = wt * p
+        ga = torch.matmul(wp, Xg)
+        rs = ga[..., d] - w["w1s"]
+        grad = torch.cat([C * (ga[..., :d] - w["w1x"] - rs.unsqueeze(-1) * mu) / sc + be, C * rs.unsqueeze(-1)], -1).double()
+        n_refresh = int(refresh.sum())
+        if n_refresh:
+            g, sel = rows(refresh)
+            s = torch.addcmul(g(wp), g(wp), g(p), value=-1)
+            state["chol"][idx[sel]] = _hessian_cholesky(*curvature(s, None if shared else idx[sel]), g(mu).double(), g(sc).double(), C, reg)
+            del s
+        del wp, p
+        step = torch.cholesky_solve(grad.unsqueeze(-1), state["chol"][idx]).squeeze(-1).to(dt)
+        t = torch.ones(be.shape[:2], dtype=dt, device=dev)
+        nb, nb0 = be - step[..., :d], bb - step[..., d]
+        v = nb / sc
+        zn = logits(v, nb0 - (mu * v).sum(-1), Xg)
+        if search.any():  # backtracking on the exact objective
+            g, sel = rows(search)
+            need = ~valid[sel]
+            if need.any():  # objective at the current point
+                j = sel[need.nonzero().squeeze(1)]
+                vj = be[j] / sc[j]
+                ob[j] = objective(be[j], vj, bb[j] - (mu[j] * vj).sum(-1), w["w0x"][j], w["w0s"][j], wt[j], z[j])
+            ts, zns, obs = g(t), g(zn), g(ob)
+            bes, bbs, sts, scs, mus, w0xs, w0ss, wts = (g(x) for x in (be, bb, step, sc, mu, w["w0x"], w["w0s"], wt))
+            Xs = Xg if shared else g(Xg)
+            for _h in range(40):
+                nbs, nb0s = bes - ts.unsqueeze(-1) * sts[..., :d], bbs - ts * sts[..., d]
+                vs = nbs / scs
+                cs = nb0s - (mus * vs).sum(-1)
+                on = objective(nbs, vs, cs, w0xs, w0ss, wts, zns)
+                bad = on > obs + slack * obs.abs()
+                if not bad.any():
+                    break
+                ts = torch.where(bad, ts / 2, ts)
+                zns = torch.where(bad.unsqueeze(-1), logits(vs, cs, Xs), zns)
+            if sel.numel() == G:
+                t, zn, ob = ts, zns, on
+            else:
+                t[sel], zn[sel], ob[sel] = ts, zns, on
+            nb, nb0 = be - t.unsqueeze(-1) * step[..., :d], bb - t * step[..., d]
+        valid = search.clone()
+        moved = (t.unsqueeze(-1) * step).abs().amax(-1).double()  # (G, r)
+        refresh = ((moved > REFRESH_RATE * last) & (moved > 10 * tol)).any(-1)
+        search = ((moved > REFRESH_ABOVE) | (moved > 0.5 * last) | (t < 1)).any(-1)
+        if trace is not None:
+            trace.append((str(dt)[-2:], len(idx), n_refresh, int(search.sum()), float(moved.max())))
+        be, bb, z, last = nb, nb0, zn, moved
+        done = (moved < tol).all(-1)
+        if done.any():  # converged groups leave the working set
+            j = idx[done]
+            state["beta"][j], state["b0"][j], state["last"][j] = be[done].double(), bb[done].double(), last[done]
+            keep = ~done
+            if not keep.any():
+                return
+            idx, be, bb, z, last, wt, ob, valid, refresh, search = (x[keep] for x in (idx, be, bb, z, last, wt, ob, valid, refresh, search))
+            w = {k: v[keep] for k, v in w.items()}
+            if not shared:
+                Xg = Xg[keep]
+        G = len(idx)
+    if not strict:
+        state["beta"][idx], state["b0"][idx], state["last"][idx] = be.double(), bb.double(), last
+        return
+    raise RuntimeError(f"{int(idx.numel())} groups of logistic regressions did not converge in {max_iter} iterations.")
 
 
 # --------------------------------------------------------------------------- resampling
@@ -379,6 +555,46 @@ def _fit_and_score(F: Tensor, draw: TrialDraw, proc: Procedure, C: float) -> tup
     return scores, fold
 
 
+def _fit_and_score_pool(F: Tensor, draw: TrialDraw, proc: Procedure, C: float, local: bool = False) -> tuple[Tensor, Tensor]:
+    """As :func:`_fit_and_score`, with every fold model as a weight vector over a pool of rows
+    (the solver :func:`_pool_lr`): the rows all trials draw from (one GEMM per product over
+    all fits: the faster way when each trial uses a good part of them, as with permutations),
+    or with ``local`` each trial's own rows."""
+    T, n_p = draw.idx_p.shape
+    dev = F.device
+    idx = torch.cat([draw.idx_p, draw.idx_u], 1)
+    fold = torch.cat([draw.fold_p, draw.fold_u], 1)
+    n, m = idx.shape[1], len(proc.train)
+    used, inv = torch.unique(idx, return_inverse=True)
+    X = F[used]
+    X = X - X.mean(0)
+    s = X.std(0)
+    X = X / torch.where(s > 0, s, torch.ones_like(s))  # the fits are invariant to per-column scaling
+    train = torch.zeros(m, proc.folds, dtype=torch.float32, device=dev)
+    for j, fs in enumerate(proc.train):
+        train[j, list(fs)] = 1.0
+    src = train[:, fold].transpose(0, 1)  # (T, m, n): 1 where row i fits model j
+    y = torch.cat([torch.ones(n_p), torch.zeros(n - n_p)]).to(dev)
+    model = torch.tensor(proc.score, device=dev)[fold]  # (T, n)
+    if local:
+        X = X[inv]  # (T, n, d)
+        beta, b0, mu, sc = _pool_lr(X, src * y, src, C)
+        v = beta / sc
+        z = torch.baddbmm((b0 - (mu * v).sum(-1)).unsqueeze(-1), v, X.transpose(1, 2))  # (T, m, n)
+        scores = z.gather(1, model.clamp_min(0).unsqueeze(1)).squeeze(1)
+    else:
+        at = inv.unsqueeze(1).expand(T, m, n)
+        N = len(used)
+        W1 = torch.zeros(T * m, 1, N, dtype=torch.float32, device=dev).view(T, m, N).scatter_add_(2, at, src * y)
+        Wt = torch.zeros(T * m, 1, N, dtype=torch.float32, device=dev).view(T, m, N).scatter_add_(2, at, src)  # small counts: exact
+        beta, b0, mu, sc = _pool_lr(X, W1.view(T * m, 1, N), Wt.view(T * m, 1, N), C)
+        del W1, Wt
+        v = beta.view(T * m, -1) / sc.view(T * m, -1)
+        z = torch.addmm((b0.view(-1) - (mu.view(T * m, -1) * v).sum(-1)).unsqueeze(-1), v, X.T).view(T, m * N)
+        scores = z.gather(1, model.clamp_min(0) * N + inv)
+    return torch.where(model >= 0, scores, torch.full_like(scores, float("nan"))), fold
+
+
 def _masked_welch(sP: Tensor, sU: Tensor) -> tuple[Tensor, Tensor]:
     """Welch t and df over the non-NaN entries of each row (equal counts per row)."""
     a = sP[~torch.isnan(sP)].view(sP.shape[0], -1)
@@ -427,13 +643,20 @@ def _statistic(scores: Tensor, fold: Tensor, n_p: int, proc: Procedure) -> tuple
 
 def batched_cdi(members: Tensor, nonmembers: Tensor, draw: TrialDraw, k: int = 5, C: float = 1.0,
                 max_elements: int = 20_000_000, progress: bool = False, device: str | torch.device = "cpu",
-                procedure: str | Procedure = "crossfit") -> dict[str, Tensor]:
+                procedure: str | Procedure = "crossfit", solver: str = "auto") -> dict[str, Tensor]:
     """CDI p-values for every trial in ``draw`` (§5.2 steps 2-4), solved in batches
     (on ``device``: a GPU solves the logistic regressions much faster than the CPU).
 
     ``procedure`` (see :data:`PROCEDURES`) fixes the folds of ``draw``: ``draw`` must use its
     ``folds`` (5 for crossfit, 2 for split). Returns per-trial ``p``, ``t`` and ``cohen_d``
     (for the power conversion of App. C.17), plus the scores ``sP``/``sU`` (NaN: not scored).
+
+    ``solver``: ``"gather"`` (each trial's rows gathered into fold blocks, :func:`_block_lr`),
+    ``"pool"`` (every fold model a weight vector over the rows the trials draw from,
+    :func:`_pool_lr`), ``"local"`` (the pool solver on each trial's own rows) or ``"auto"``:
+    pool when a trial uses at least ``POOL_ABOVE`` of the rows (large |P|, permutations,
+    null checks on a small reference set), else gather. All solve the same problems to the
+    same optimum (``benchmarks/cdi_speed.py`` times them).
     """
     proc = procedure if isinstance(procedure, Procedure) else make_procedure(procedure, k)
     F = torch.cat([torch.as_tensor(members), torch.as_tensor(nonmembers)]).double().to(device)
@@ -443,12 +666,22 @@ def batched_cdi(members: Tensor, nonmembers: Tensor, draw: TrialDraw, k: int = 5
         raise ValueError(f"procedure '{proc.name}' uses {proc.folds} folds; draw the trials with k={proc.folds}.")
     T, n_p = draw.idx_p.shape
     n, m = n_p + draw.idx_u.shape[1], len(proc.train)
-    chunk = max(1, max_elements // (n * (m + 1) * (F.shape[1] + 1)))
+    if solver not in ("auto", "gather", "pool", "local"):
+        raise ValueError(f"unknown solver '{solver}'; choose auto, gather, pool or local.")
+    pool_rows = int(torch.unique(torch.cat([draw.idx_p, draw.idx_u], 1)).numel())
+    if solver == "auto":
+        solver = "pool" if n >= POOL_ABOVE * pool_rows else "gather"
+    d = F.shape[1]
+    # Elements per trial of the largest working tensors; the gather solver slows down when its
+    # (trials, rows, models, d) tensors leave the cache, so it takes a fifth of the budget.
+    per_trial = {"pool": 8 * m * pool_rows, "local": n * ((d + 1) * (d + 2) // 2 + 8 * m), "gather": 5 * n * (m + 1) * (d + 1)}[solver]
+    chunk = max(1, max_elements // per_trial)
+    fit_and_score = {"pool": _fit_and_score_pool, "local": partial(_fit_and_score_pool, local=True), "gather": _fit_and_score}[solver]
     out = {"p": [], "t": [], "cohen_d": [], "sP": [], "sU": []}
     for s in tqdm(range(0, T, chunk), disable=not progress, desc="CDI trials", leave=False):
         sub = draw[s : s + chunk]
         sub = TrialDraw(*(v.to(device) for v in (sub.idx_p, sub.idx_u, sub.fold_p, sub.fold_u)))
-        scores, fold = _fit_and_score(F, sub, proc, C)
+        scores, fold = fit_and_score(F, sub, proc, C)
         scores, fold = scores.cpu(), fold.cpu()
         t, p = _statistic(scores, fold, n_p, proc)
         sP, sU = scores[:, :n_p], scores[:, n_p:]
@@ -505,17 +738,22 @@ def permutation_test(FP: Tensor, FU: Tensor, permutations: int = 1000, procedure
     """
     proc = procedure if isinstance(procedure, Procedure) else make_procedure(procedure, k)
     FP, FU = torch.as_tensor(FP).double(), torch.as_tensor(FU).double()
-    n_p, n_u = len(FP), len(FU)
-    n = n_p + n_u
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.cat([torch.arange(n).unsqueeze(0), torch.rand(permutations, n, generator=g).argsort(-1)])
-    fold_p = torch.rand(permutations + 1, n_p, generator=g).argsort(-1) % proc.folds
-    fold_u = torch.rand(permutations + 1, n_u, generator=g).argsort(-1) % proc.folds
-    draw = TrialDraw(labels[:, :n_p], labels[:, n_p:], fold_p, fold_u)
+    draw = permutation_draw(len(FP), len(FU), permutations, proc.folds, seed)
     res = batched_cdi(torch.cat([FP, FU]), FP[:0], draw, proc.folds, C, progress=progress, device=device, procedure=proc)
     t = res["t"]
     exceed = int((t[1:] >= t[0]).sum())
     return {"p": (1 + exceed) / (1 + permutations), "t": float(t[0]), "p_parametric": float(res["p"][0]), "permutations": permutations}
+
+
+def permutation_draw(n_p: int, n_u: int, permutations: int, k: int, seed: int = 0) -> TrialDraw:
+    """The trials of :func:`permutation_test` as row indices into ``cat([P, U])``: trial 0 is
+    the observed labelling, trials 1..B random relabelings keeping |P|; fresh balanced folds each."""
+    n = n_p + n_u
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.cat([torch.arange(n).unsqueeze(0), torch.rand(permutations, n, generator=g).argsort(-1)])
+    fold_p = torch.rand(permutations + 1, n_p, generator=g).argsort(-1) % k
+    fold_u = torch.rand(permutations + 1, n_u, generator=g).argsort(-1) % k
+    return TrialDraw(labels[:, :n_p], labels[:, n_p:], fold_p, fold_u)
 
 
 def audit_test(FP: Tensor, FU: Tensor, procedure: str = DEFAULT_PROCEDURE, k: int = 5, C: float = 1.0, seed: int = 0,
