@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from reproduce_common import print_table
+import reproduce_common
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -45,6 +45,12 @@ THESIS_AUC = {"dl": "50.0-60.8", "secmi": "49.6-69.2", "pia": "49.0-71.2", "pian
               "ml": "51.8-64.3", "no": "51.9-58.0", "clid": "46.0-78.7 (Tab. D.9.6)"}
 THESIS_TPR = {"dl": "1.22-2.25", "secmi": "1.16-2.41", "pia": "1.12-5.57", "pian": "0.78-1.52", "gm": "1.07-4.71",
               "ml": "1.31-3.10", "no": "1.25-1.81", "clid": "1.52-24.11 (Tab. C.8.1)"}
+
+
+def print_table(title, header, rows, note: str = "") -> str:
+    """reproduce_common.print_table with "|" inside cells escaped for Markdown."""
+    esc = lambda v: str(v).replace("|", "\\|")  # noqa: E731
+    return reproduce_common.print_table(title, [esc(h) for h in header], [[esc(c) for c in r] for r in rows], note)
 
 
 def rsgm_cli(args: list[str], run_dir: Path) -> None:
@@ -121,7 +127,7 @@ def analyse(name: str, data: dict, l2: dict, a) -> list[str]:
         n5, r5 = X.search_min_size(FF[y][:, ex], FF[~y][:, ex], sizes, **{k: kw[k] for k in ("trials", "k", "C", "alpha", "seed", "device", "procedure")})
         nb, _ = X.search_min_size(FF[y][:, base], FF[~y][:, base], sizes, **{k: kw[k] for k in ("trials", "k", "C", "alpha", "seed", "device", "procedure")})
         rows.append([label, n5, nb])
-    out.append(print_table(f"{tag}: PIA/PIAN norm order, min |P| (mean p < 0.01)", ["PIA norm", "existing MIAs", "all 26 features"], rows))
+    out.append(print_table(f"{tag}: PIA/PIAN norm order, min |P| (mean p < 0.01)", ["PIA norm", "existing MIAs", f"all {len(base)} base features"], rows))
 
     # Min |P|: base CDI, gray-box (Table C.12.2), + CLiD (Table C.8.2); false positives (Table 8.5.2).
     srch = {k: kw[k] for k in ("trials", "k", "C", "alpha", "seed", "device", "procedure")}
@@ -212,7 +218,7 @@ def progress(fit_run: Path, a) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--targets", nargs="+", default=["easy", "hard"], choices=sorted(TARGETS))
+    p.add_argument("--targets", nargs="*", default=["easy", "hard"], choices=sorted(TARGETS), help="none with --progress alone")
     p.add_argument("--model_dir", type=Path, default=Path("models"))
     p.add_argument("--run_dir", type=Path, default=Path("runs/reproduce_ch8"))
     p.add_argument("--trials", type=int, default=1000, help="resampled (P, U) cases per |P| (the thesis: 1000)")

@@ -102,9 +102,11 @@ def test_set_max_and_threshold_hand_cases():
     m = X.set_max_scores(torch.arange(10.0), 2, 500, 0)
     # max of 2 distinct draws from 0..9: P(max = 9) = 1 - C(9,2)/C(10,2) = 0.2
     assert abs(float((m == 9).double().mean()) - 0.2) < 0.06 and float(m.min()) >= 1
-    neg = torch.arange(100.0)  # 0..99
-    assert X.threshold_at_fpr(neg, 0.01) == 98.0  # one negative (99) above: FPR = 1 %
-    assert X.threshold_at_fpr(neg, 0.0) == 99.0
+    # k = ceil((n + 1)(1 - a)): n = 199 -> k = 198, the value 197, one calibration negative above;
+    # n = 100 -> k = 100, nothing above (taking 98 would give a fresh negative 2/101 > 1 %).
+    assert X.threshold_at_fpr(torch.arange(199.0), 0.01) == 197.0
+    assert X.threshold_at_fpr(torch.arange(100.0), 0.01) == 99.0
+    assert X.threshold_at_fpr(torch.arange(100.0), 0.0) == float("inf")
     with pytest.raises(RSGMError, match="cannot be drawn"):
         X.set_max_scores(s, 4, 1, 0)
 

@@ -49,10 +49,12 @@ def set_max_scores(scores: Tensor, set_size: int, n_sets: int, seed: int) -> Ten
 
 
 def threshold_at_fpr(negative: Tensor, fpr: float) -> float:
-    """Smallest threshold whose rate of negatives strictly above it is at most ``fpr``."""
+    """Threshold from calibration negatives such that a fresh negative exceeds it with
+    probability at most ``fpr`` (exchangeable, continuous scores): the k-th smallest, with
+    k = ceil((n + 1)(1 - fpr)) (the split-conformal rank; +inf when k > n)."""
     neg = torch.sort(torch.as_tensor(negative, dtype=torch.float64)).values
-    allowed = int(np.floor(fpr * len(neg) + 1e-9))  # negatives allowed above the threshold
-    return float(neg[len(neg) - allowed - 1])
+    k = int(np.ceil((len(neg) + 1) * (1 - fpr) - 1e-9))
+    return float("inf") if k > len(neg) else float(neg[k - 1])
 
 
 def set_level_mia(member_scores: Tensor, nonmember_scores: Tensor, set_size: int, n_sets: int = 1000,
@@ -61,8 +63,9 @@ def set_level_mia(member_scores: Tensor, nonmember_scores: Tensor, set_size: int
 
     Returns TPR@FPR and AUC of the set scores (``n_sets`` member sets vs ``n_sets`` non-member
     sets, exact ROC), and with ``calibrate`` a deployable rule: the threshold at FPR ``fpr`` on
-    ``n_sets`` calibration non-member sets, then its TPR and measured FPR on the evaluation
-    sets, and whether that FPR is inside the binomial 95 % interval of ``fpr``."""
+    ``n_sets`` calibration non-member sets (:func:`threshold_at_fpr`), then its TPR and
+    measured FPR on the evaluation sets, and whether that FPR is inside the binomial 95 %
+    interval of ``fpr`` (approximate: the threshold's own sampling spread adds to it)."""
     pos = set_max_scores(member_scores, set_size, n_sets, seed)
     neg = set_max_scores(nonmember_scores, set_size, n_sets, seed + 1)
     s = torch.cat([pos, neg])
