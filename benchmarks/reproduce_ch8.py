@@ -91,8 +91,8 @@ def analyse(name: str, data: dict, l2: dict, a) -> list[str]:
     names, F, y = list(data["names"]), data["features"].double(), data["is_member"].bool()
     assert torch.equal(l2["index"], data["index"])
     M, N = F[y], F[~y]
-    cap = min(len(M), len(N) // 2)
-    sizes = [n for n in S.default_size_grid(cap) if n >= 10]
+    cap = min(len(M), len(N) // 2)  # the null experiments draw P' and U' from the non-members
+    sizes = [n for n in S.default_size_grid(min(len(M), len(N))) if n >= 10]
     kw = dict(trials=a.trials, k=5, C=1.0, alpha=0.01, seed=a.seed, device="cpu", procedure=a.procedure)
     base = cols(names, lambda n: feature_group(n) != "clid")
     gray = [j for j in base if ACCESS[feature_group(names[j])] == "gray"]
@@ -152,7 +152,7 @@ def analyse(name: str, data: dict, l2: dict, a) -> list[str]:
     # Table 8.5.1 (set-level max-score MIA vs CDI) and App. C.18 / C.19 (ROC vs single MIAs on DI).
     sP, sU = X.crossfit_scores(M[:, base], N[:, base], 5, a.seed)
     rows, roc = [], []
-    for n in [s for s in (10, 30, 100) if s <= cap]:
+    for n in [s for s in (10, 30, 100, 300) if s <= cap and s < len(M)]:  # |P| = |M| would repeat one set
         row = S.pvalue_curve(M[:, base], N[:, base], [n], progress=False, **kw)[0]
         pn = S.null_experiment(N[:, base], n, a.trials, 5, 0.01, 1.0, a.seed + 2, "cpu", a.procedure)["p_values"]
         sl = X.set_level_mia(sP, sU, n, a.sets, 0.01, a.seed + n)
