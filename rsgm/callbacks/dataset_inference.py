@@ -248,7 +248,7 @@ class DatasetInference(Callback):
             print(f"|U|/|P| = {r['u_ratio']:g}: min |P| = {r['min_P']}")
         for r in tables.get("set_level", []):
             print(f"|P|={r['n_p']}: TPR@FPR={100 * self.alpha:g}%: set-level max-score MIA {r['set_level_tpr']:.3f} "
-                  f"(calibrated threshold: TPR {r['set_level_calibrated_tpr']:.3f}, FPR {r['set_level_calibrated_fpr']:.3f}); "
+                  f"(calibrated threshold: TPR {r['set_level_calibrated_tpr']}, FPR {r['set_level_calibrated_fpr']}); "
                   f"CDI {r['cdi_tpr_power']:.3f} (power) / {r['cdi_tpr_empirical']:.3f} (empirical)")
         for r in tables.get("di_roc", []):
             print(f"DI task |P|={r['set_size']}: {r['method']:<8} TPR@FPR={100 * self.alpha:g}% {r['tpr_at_fpr']:.3f}  AUC {r['auc']:.3f}")
