@@ -288,6 +288,8 @@ class DatasetInference(Callback):
         fig.tight_layout()
         save_figure(trainer, fig, "cdi_pvalue_vs_size")
 
+        if not tables["contamination"]:
+            return
         fig, ax = plt.subplots(figsize=(5, 4))
         for n in sorted({r["n_p"] for r in tables["contamination"]}):
             rows = sorted((r for r in tables["contamination"] if r["n_p"] == n), key=lambda r: r["contamination"])
