@@ -166,5 +166,5 @@ def test_rows_per_sample_at_minimum(setup):
 
 def test_unknown_feature_and_names():
     with pytest.raises(ValueError, match="unknown diffusion features"):
-        FeatureConfig(features=["dl", "clid"])
+        FeatureConfig(features=["dl", "clip"])
     assert feature_names(FeatureConfig(features=["ml", "dl"], ml_timesteps=[0, 100])) == ["ml_t0", "ml_t100", "dl"]

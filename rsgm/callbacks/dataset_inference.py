@@ -13,8 +13,14 @@ Computed:
 * p-value -> TPR@FPR=alpha at min |P|: empirically (member runs vs null runs) and by the
   power conversion of App. C.17;
 * the contamination curve (P mixes members and non-members at ratio r);
-* the feature-set ablation: min |P| for existing MIAs alone, each new feature group alone
-  and added to the existing ones, and all features.
+* the feature-set ablation (Fig. 8.5.2): min |P| per feature subset; ``ablation_sets``
+  chooses them (singles, pairs, triples, single existing features, explicit ``a+b``;
+  :func:`rsgm.privacy.cdi_extras.ablation_sets`);
+* optional studies of App. C (each off unless configured; ``configs/cdi_digits_studies.yaml``):
+  ``u_ratios``: min |P| under |U| = ratio x |P| (Table C.12.1); ``set_level_sizes``: the
+  set-level max-score MIA against CDI's TPR@FPR (Table 8.5.1); ``roc_sizes``: CDI's ROC
+  over an alpha sweep (App. C.18) beside each existing MIA applied to the DI task with the
+  max rule (App. C.19).
 
 Everything is written under ``<run dir>/cdi/`` and logged as ``cdi/...`` metrics.
 """
@@ -30,27 +36,13 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from tqdm.auto import tqdm
 
+from rsgm.privacy import cdi_extras as X
 from rsgm.privacy import stats as S
 from rsgm.utils.dashboard import log_table
 from rsgm.privacy.safe_files import save_tensors
 from rsgm.utils.figures import plt, run_dir, save_figure
 
 PVALUES_KIND = "rsgm.cdi_pvalues"  # read back with rsgm.privacy.safe_files.load_tensors(path, PVALUES_KIND)
-
-
-def _group(name: str) -> str:
-    """Feature group of a column name: 'gm_t300' -> 'gm'."""
-    return name.split("_")[0]
-
-
-def _search_min_size(members, nonmembers, sizes, trials, k, C, alpha, seed, device, procedure) -> tuple[int | None, list[dict]]:
-    """Walk the grid upwards and stop at the first |P| with mean p < alpha."""
-    rows = []
-    for n in sizes:
-        rows += S.pvalue_curve(members, nonmembers, [n], trials=trials, k=k, C=C, seed=seed, alpha=alpha, progress=False, device=device, procedure=procedure)
-        if rows and rows[-1]["mean_p"] < alpha:
-            return n, rows
-    return None, rows
 
 
 class DatasetInference(Callback):
@@ -60,7 +52,9 @@ class DatasetInference(Callback):
                  contamination_ratios: list[float] | None = None, contamination_sizes: list[int] | None = None,
                  contamination_trials: int = 1000, ablation: bool = True, ablation_trials: int | None = None,
                  existing_groups: list[str] | None = None, device: str = "cpu", seed: int = 0,
-                 procedure: str = S.DEFAULT_PROCEDURE, permutations: int = 0) -> None:
+                 procedure: str = S.DEFAULT_PROCEDURE, permutations: int = 0, ablation_sets: list[str] | None = None,
+                 u_ratios: list[float] | None = None, set_level_sizes: list[int] | None = None, roc_sizes: list[int] | None = None,
+                 study_sets: int = 1000, mia_di_features: list[str] | None = None) -> None:
         S.make_procedure(procedure, k)  # unknown names fail at construction, in one line
         self.trials, self.alpha, self.k, self.C, self.seed, self.device = trials, alpha, k, C, seed, device
         self.procedure, self.permutations = procedure, permutations
@@ -70,7 +64,10 @@ class DatasetInference(Callback):
         self.contamination_sizes, self.contamination_trials = contamination_sizes, contamination_trials
         self.ablation, self.ablation_trials = ablation, ablation_trials or trials
         # Feature groups from prior work; the ablation adds every other group to them.
-        self.existing_groups = ["dl", "secmi", "pia", "pian"] if existing_groups is None else existing_groups
+        self.existing_groups = list(X.EXISTING_GROUPS) if existing_groups is None else existing_groups
+        self.ablation_sets = ablation_sets
+        self.u_ratios, self.set_level_sizes, self.roc_sizes = u_ratios or [], set_level_sizes or [], roc_sizes or []
+        self.study_sets, self.mia_di_features = study_sets, mia_di_features
 
     # ------------------------------------------------------------------ main
 
@@ -81,7 +78,7 @@ class DatasetInference(Callback):
             return
         summary, tables = self.run(res)
         self.save(folder, summary, tables)
-        for name in ("curve", "contamination", "ablation"):
+        for name in ("curve", "contamination", "ablation", "imbalance", "set_level", "di_roc"):
             if name in tables:
                 log_table(trainer, f"cdi_{name}", tables[name])
         if trainer.logger is not None:
@@ -149,28 +146,58 @@ class DatasetInference(Callback):
         tables["contamination"] = rows
 
         if self.ablation:
-            tables["ablation"] = self._ablation(names, members, nonmembers, sizes, gray_cols)
+            tables["ablation"] = self._ablation(names, members, nonmembers, sizes, access)
             for row in tables["ablation"]:
                 summary[f"min_P[{row['features']}]"] = row["min_P"]
+        if self.u_ratios:
+            tables["imbalance"] = X.imbalance_study(members, nonmembers, self.u_ratios, sizes, self.trials, self.k, self.C, self.alpha,
+                                                    self.seed, self.device, self.procedure)
+            for row in tables["imbalance"]:
+                summary[f"min_P[U/P={row['u_ratio']:g}]"] = row["min_P"]
+        if self.set_level_sizes or self.roc_sizes:
+            self._set_studies(names, members, nonmembers, summary, tables)
         return summary, tables
 
-    def _ablation(self, names, members, nonmembers, sizes, gray_cols) -> list[dict]:
-        groups = list(dict.fromkeys(_group(n) for n in names))
-        existing = [g for g in groups if g in self.existing_groups]
-        new = [g for g in groups if g not in self.existing_groups]
-        sets = []
-        if existing:
-            sets.append(("existing", existing))
-        sets += [(g, [g]) for g in new]
-        if existing:
-            sets += [(f"existing+{g}", existing + [g]) for g in new]
-        sets.append(("all", groups))
-        if 0 < len(gray_cols) < len(names):
-            sets.append(("all_gray_box", None))
+    def _cdi_at(self, members, nonmembers, n: int) -> tuple[dict, torch.Tensor] | None:
+        """Member-trial curve row and null p-values at |P| = |U| = n (None if the pools are too small)."""
+        if n > len(members) or 2 * n > len(nonmembers):
+            return None
+        kw = dict(C=self.C, seed=self.seed, alpha=self.alpha, device=self.device, procedure=self.procedure)
+        rows = S.pvalue_curve(members, nonmembers, [n], self.trials, self.k, progress=False, **kw)
+        null = S.null_experiment(nonmembers, n, self.trials, self.k, self.alpha, self.C, self.seed + 2, self.device, self.procedure)
+        return (rows[0], null["p_values"]) if rows else None
+
+    def _set_studies(self, names, members, nonmembers, summary: dict, tables: dict) -> None:
+        """Table 8.5.1 (set-level max-score MIA vs CDI) and App. C.18/C.19 (ROC over alpha vs
+        single MIAs on the DI task)."""
+        sP, sU = X.crossfit_scores(members, nonmembers, self.k, self.seed)
+        tables["set_level"], tables["di_roc"], tables["alpha_roc"] = [], [], []
+        for n in tqdm(sorted(set(self.set_level_sizes) | set(self.roc_sizes)), desc="CDI set-level studies", leave=False):
+            cdi = self._cdi_at(members, nonmembers, n)
+            if cdi is None:
+                continue
+            row, p_null = cdi
+            tpr_emp = S.pvalue_to_tpr(row["p_values"], p_null, self.alpha)
+            if n in self.set_level_sizes:
+                mia = X.set_level_mia(sP, sU, n, self.study_sets, self.alpha, self.seed + n)
+                tables["set_level"].append({"n_p": n, "set_level_tpr": mia["tpr_at_fpr"], "set_level_auc": mia["auc"],
+                                            "set_level_calibrated_tpr": mia["calibrated_tpr"], "set_level_calibrated_fpr": mia["calibrated_fpr"],
+                                            "cdi_tpr_power": row["power_tpr"], "cdi_tpr_empirical": tpr_emp, "cdi_mean_p": row["mean_p"]})
+            if n in self.roc_sizes:
+                fpr, tpr = X.pvalue_roc(row["p_values"], p_null)
+                tables["di_roc"].append({"method": "cdi", "set_size": n, "tpr_at_fpr": tpr_emp, "auc": float(torch.trapezoid(tpr, fpr))})
+                tables["alpha_roc"] += [{"set_size": n, **r} for r in X.cdi_alpha_roc(row["p_values"], p_null)]
+                tables["di_roc"] += [{"method": r["method"], "set_size": n, "tpr_at_fpr": r["tpr_at_fpr"], "auc": r["auc"]}
+                                     for r in X.mia_on_di(names, members, nonmembers, [n], self.study_sets, self.alpha, self.seed, self.mia_di_features)]
+        for r in tables["set_level"]:
+            summary[f"set_level_tpr[{r['n_p']}]"] = r["set_level_tpr"]
+            summary[f"cdi_tpr_power[{r['n_p']}]"] = r["cdi_tpr_power"]
+
+    def _ablation(self, names, members, nonmembers, sizes, access) -> list[dict]:
+        sets = X.ablation_sets(names, self.ablation_sets, self.existing_groups, access or {n: "gray" for n in names})
         out = []
-        for label, gs in tqdm(sets, desc="CDI feature ablation", leave=False):
-            cols = gray_cols if gs is None else [j for j, n in enumerate(names) if _group(n) in gs]
-            n, rows = _search_min_size(members[:, cols], nonmembers[:, cols], sizes, self.ablation_trials, self.k, self.C, self.alpha, self.seed, self.device, self.procedure)
+        for label, cols in tqdm(sets, desc="CDI feature ablation", leave=False):
+            n, rows = X.search_min_size(members[:, cols], nonmembers[:, cols], sizes, self.ablation_trials, self.k, self.C, self.alpha, self.seed, self.device, self.procedure)
             out.append({"features": label, "n_features": len(cols), "min_P": n, "mean_p_at_min_P": rows[-1]["mean_p"] if n else None,
                         "largest_P_tried": rows[-1]["n_p"] if rows else None, "mean_p_at_largest": rows[-1]["mean_p"] if rows else None})
         return out
@@ -183,8 +210,9 @@ class DatasetInference(Callback):
         cols = ["access", "n_p", "n_u", "mean_p", "ci_low", "ci_high", "q025", "q975", "reject_rate", "power_tpr"]
         self._csv(folder / "pvalue_curve.csv", tables["curve"], cols)
         self._csv(folder / "contamination.csv", tables["contamination"], ["contamination", "n_p", "n_u", "mean_p", "ci_low", "ci_high", "reject_rate"])
-        if "ablation" in tables:
-            self._csv(folder / "ablation.csv", tables["ablation"], list(tables["ablation"][0]))
+        for name in ("ablation", "imbalance", "set_level", "di_roc", "alpha_roc"):
+            if tables.get(name):
+                self._csv(folder / f"{name}.csv", tables[name], list(tables[name][0]))
         save_tensors(folder / "p_values.safetensors", PVALUES_KIND,
                      {f"curve/{r['access']}_{r['n_p']}": r["p_values"] for r in tables["curve"]} | {"null": tables["null_p_values"]},
                      {"procedure": self.procedure, "alpha": self.alpha})
@@ -216,6 +244,14 @@ class DatasetInference(Callback):
             for r in tables["ablation"]:
                 tail = "" if r["min_P"] else f"  (not reached; mean p {r['mean_p_at_largest']:.3g} at |P|={r['largest_P_tried']})"
                 print(f"  {r['features']:<22}{r['n_features']:>4} features  min |P| = {r['min_P']}{tail}")
+        for r in tables.get("imbalance", []):
+            print(f"|U|/|P| = {r['u_ratio']:g}: min |P| = {r['min_P']}")
+        for r in tables.get("set_level", []):
+            print(f"|P|={r['n_p']}: TPR@FPR={100 * self.alpha:g}%: set-level max-score MIA {r['set_level_tpr']:.3f} "
+                  f"(calibrated threshold: TPR {r['set_level_calibrated_tpr']}, FPR {r['set_level_calibrated_fpr']}); "
+                  f"CDI {r['cdi_tpr_power']:.3f} (power) / {r['cdi_tpr_empirical']:.3f} (empirical)")
+        for r in tables.get("di_roc", []):
+            print(f"DI task |P|={r['set_size']}: {r['method']:<8} TPR@FPR={100 * self.alpha:g}% {r['tpr_at_fpr']:.3f}  AUC {r['auc']:.3f}")
 
     def audit_lines(self, summary: dict) -> str:
         """The audit verdict with its calibration, as printed at test end."""
@@ -252,6 +288,8 @@ class DatasetInference(Callback):
         fig.tight_layout()
         save_figure(trainer, fig, "cdi_pvalue_vs_size")
 
+        if not tables["contamination"]:
+            return
         fig, ax = plt.subplots(figsize=(5, 4))
         for n in sorted({r["n_p"] for r in tables["contamination"]}):
             rows = sorted((r for r in tables["contamination"] if r["n_p"] == n), key=lambda r: r["contamination"])

@@ -30,7 +30,7 @@ from rsgm.utils.figures import run_dir
 class DiffusionAttack(LightningModule):
     """Args:
         target: the audited model behind the adapter protocol (null with ``features_cache``).
-        features: feature groups to extract, from dl, secmi, pia, pian, gm, ml, no.
+        features: feature groups to extract, from dl, secmi, pia, pian, gm, ml, no, clid (conditional targets).
         feature_options: overrides of :class:`FeatureConfig` fields (timesteps, draws, p, ...).
         features_cache: a ``features.safetensors``. If the file exists, the model is never
             touched (not even loaded) and the saved features are used; if it does not and a

@@ -10,13 +10,17 @@ name       access  definition
 dl         gray    (1/R) sum_r ||eps_r - f(sqrt(abar_t) z + sqrt(1-abar_t) eps_r, t)||^2, t=100, R=5
 secmi      gray    DDIM-invert z from 0 to t in steps of delta (z~_t), one more step up, one
                    step down (z^_t): ||z^_t - z~_t||^2, t=100, delta=10
-pia        gray    eps0 = f(z, 0); ||eps0 - f(sqrt(abar_t) z + sqrt(1-abar_t) eps0, t)||_p, t=200
+pia        gray    eps0 = f(z, 0); ||eps0 - f(sqrt(abar_t) z + sqrt(1-abar_t) eps0, t)||_p, t=200,
+                   p=5 (App. C.3.1 prints ||.||_5; the authors' configuration also uses 5)
 pian       gray    pia with eps0 -> C H W sqrt(pi/2) eps0 / ||eps0||_1
 gm_t{t}    white   g = |grad_{z_t} ||eps - f(z_t, t)||^2|, M = top 20 % of g per sample,
                    z^ = eps' M + z_t (1-M):  ||(eps' - z_t) M - f(z^, t) M||^2, t = 0..900
 ml_t{t}    gray    the denoising loss at t = 0, 100, ..., 900 (``ml_draws`` noise draws each)
 no_loss    white   min_delta ||eps - f(z_t + delta, t)||^2 after ``no_steps`` L-BFGS iterations
 no_delta   white   ||delta*||^2 of that solution; t = 100
+clid_t{t}  gray    CLiD (App. C.8.1, conditional models only): with one eps per (sample, t),
+                   ||eps - f(z_t, t, y)||^2 - ||eps - f(z_t, t, null)||^2, t = 0..900; the
+                   conditional minus the unconditional denoising loss (lower = member)
 =========  ======  =========================================================================
 
 DDIM move from level s to level s' (§0.3): z_s' = sqrt(abar_s') x0 + sqrt(1-abar_s') e with
@@ -37,8 +41,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-ACCESS = {"dl": "gray", "secmi": "gray", "pia": "gray", "pian": "gray", "ml": "gray", "gm": "white", "no": "white"}
-_STREAM = {"dl": 1, "gm": 2, "ml": 3, "no": 4, "gm_prime": 5}
+from rsgm.errors import RSGMError
+
+ACCESS = {"dl": "gray", "secmi": "gray", "pia": "gray", "pian": "gray", "ml": "gray", "gm": "white", "no": "white", "clid": "gray"}
+_STREAM = {"dl": 1, "gm": 2, "ml": 3, "no": 4, "gm_prime": 5, "clid": 6}
 
 
 def sample_noise(index: Tensor, shape: tuple[int, ...], seed: int, stream: int, device=None, dtype=None) -> Tensor:
@@ -71,7 +77,7 @@ class FeatureConfig:
     secmi_t: int = 100
     secmi_delta: int = 10
     pia_t: int = 200
-    pia_p: float = 2.0
+    pia_p: float = 5.0
     gm_timesteps: list[int] = field(default_factory=lambda: list(range(0, 1000, 100)))
     gm_top_fraction: float = 0.2
     gm_fresh_noise: bool = False
@@ -81,6 +87,8 @@ class FeatureConfig:
     no_steps: int = 5
     no_lr: float = 1.0
     no_history: int = 100
+    clid_timesteps: list[int] = field(default_factory=lambda: list(range(0, 1000, 100)))
+    clid_draws: int = 1
     seed: int = 0
     max_batch: int = 1024
 
@@ -90,6 +98,8 @@ class FeatureConfig:
             raise ValueError(f"unknown diffusion features {sorted(unknown)}; choose from {sorted(ACCESS)}.")
         if not self.features:
             raise ValueError("select at least one diffusion feature.")
+        if self.pia_p <= 0:
+            raise ValueError(f"pia_p must be positive (the order of the PIA norm), got {self.pia_p}.")
 
 
 def feature_names(cfg: FeatureConfig) -> list[str]:
@@ -99,6 +109,8 @@ def feature_names(cfg: FeatureConfig) -> list[str]:
             names += [f"gm_t{t}" for t in cfg.gm_timesteps]
         elif f == "ml":
             names += [f"ml_t{t}" for t in cfg.ml_timesteps]
+        elif f == "clid":
+            names += [f"clid_t{t}" for t in cfg.clid_timesteps]
         elif f == "no":
             names += ["no_loss", "no_delta"]
         else:
@@ -165,6 +177,18 @@ def multiple_loss(f, ab, z, cond, index, cfg: FeatureConfig) -> Tensor:
     eps = sample_noise(index, (n, *z.shape[1:]), cfg.seed, _STREAM["ml"], z.device, z.dtype).transpose(0, 1)
     loss = _multi_timestep_loss(f, ab, z, cond, cfg.ml_timesteps, eps)
     return loss.view(len(cfg.ml_timesteps), cfg.ml_draws, -1).mean(1).T
+
+
+def clid(f, ab, z, cond, null, index, cfg: FeatureConfig) -> Tensor:
+    """CLiD per timestep: conditional minus unconditional denoising loss on the same noised
+    input (one eps per sample, timestep and draw; both calls in one batch). Returns (B, T)."""
+    if null is None or cond is None:
+        raise RSGMError("the CLiD feature needs a conditional target (a condition and a null condition, as in "
+                        "classifier-free guidance); drop 'clid' from model.features for an unconditional model.")
+    T, R, B = len(cfg.clid_timesteps), cfg.clid_draws, z.shape[0]
+    eps = sample_noise(index, (T * R, *z.shape[1:]), cfg.seed, _STREAM["clid"], z.device, z.dtype).transpose(0, 1)
+    both = _multi_timestep_loss(f, ab, torch.cat([z, z]), torch.cat([cond, null]), cfg.clid_timesteps, torch.cat([eps, eps], 1))
+    return (both[:, :B] - both[:, B:]).view(T, R, B).mean(1).T
 
 
 def ddim_move(ab: Tensor, z_s: Tensor, s: int, s_next: int, e: Tensor) -> Tensor:
@@ -363,6 +387,9 @@ class DiffusionFeatureExtractor:
                 cols[name] = multiple_loss(f, ab, z, y, index, cfg)
             elif name == "no":
                 cols[name] = noise_optimisation(f, ab, z, y, index, cfg)
+            elif name == "clid":
+                null = target.null_cond(B)
+                cols[name] = clid(f, ab, z, y, None if null is None else target.encode_cond(null), index, cfg)
             self.rows_per_sample[name] = f.rows / B
         return torch.cat([cols[n] for n in cfg.features], 1)
 
@@ -378,4 +405,5 @@ def minimum_rows_per_sample(cfg: FeatureConfig) -> dict[str, int]:
         "gm": 2 * len(cfg.gm_timesteps),
         "ml": len(cfg.ml_timesteps) * cfg.ml_draws,
         "no": cfg.no_steps + 1,
+        "clid": 2 * len(cfg.clid_timesteps) * cfg.clid_draws,
     }
