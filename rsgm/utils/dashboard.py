@@ -70,7 +70,7 @@ def log_table(trainer: Trainer, name: str, rows: Any) -> None:
         logger.log_table(key=f"tables/{name}", columns=[str(c) for c in columns], data=data, step=log_step(trainer))
 
 
-def read_offline_run(folder) -> dict[str, Any]:
+def read_offline_run(folder, wait_s: float = 60.0) -> dict[str, Any]:
     """Read an offline W&B run folder (``wandb/offline-run-*``) without syncing it.
 
     Returns ``{"run": the run record (id, group, job_type, tags), "config": {key: value},
@@ -78,33 +78,25 @@ def read_offline_run(folder) -> dict[str, Any]:
     tables appear in the history as dicts with ``_type`` ``image-file`` / ``table-file`` and
     their files lie under ``<folder>/files/media/``. The ``.wandb`` file is a LevelDB-style
     log of protobuf records (7-byte file header, 32 KiB blocks of CRC/length/type chunks).
+
+    W&B's service writes the file after ``finish()`` returns, so the reader waits up to
+    ``wait_s`` seconds for the run's closing ``exit`` record before it parses anything.
     """
     import json
+    import time
     from pathlib import Path
 
     from wandb.proto import wandb_internal_pb2 as pb
 
     (path,) = Path(folder).glob("run-*.wandb")
-    data, pos, chunks, pending = path.read_bytes(), 7, [], b""
-    block = 32768
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        if left < 7:
-            pos += left
-            continue
-        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
-        if kind == 0:  # block padding
-            pos += left
-            continue
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
-        if kind == 1:
-            chunks.append(chunk)
-        elif kind == 2:
-            pending = chunk
-        elif kind == 3:
-            pending += chunk
-        elif kind == 4:
-            chunks.append(pending + chunk)
+    deadline = time.monotonic() + wait_s
+    while True:
+        records = [pb.Record.FromString(raw) for raw in _log_chunks(path.read_bytes())]
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{path}: no exit record after {wait_s:g} s (the W&B run was not finished)")
+        time.sleep(0.2)
     out: dict[str, Any] = {"run": {}, "config": {}, "history": [], "summary": {}}
 
     def items(entries):
@@ -117,8 +109,7 @@ def read_offline_run(folder) -> dict[str, Any]:
             node[last] = json.loads(e.value_json)
         return got
 
-    for raw in chunks:
-        rec = pb.Record.FromString(raw)
+    for rec in records:
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             out["run"] = {"id": rec.run.run_id, "group": rec.run.run_group, "job_type": rec.run.job_type,
@@ -131,3 +122,30 @@ def read_offline_run(folder) -> dict[str, Any]:
         elif kind == "summary":
             out["summary"].update(items(rec.summary.update))
     return out
+
+
+def _log_chunks(data: bytes, block: int = 32768) -> list[bytes]:
+    """The complete records of a LevelDB-style log (after its 7-byte file header); a record
+    still being written at the end of the file is left out."""
+    pos, chunks, pending = 7, [], b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        if kind == 0:  # block padding
+            pos += left
+            continue
+        if pos + 7 + length > len(data):
+            break
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 1:
+            chunks.append(chunk)
+        elif kind == 2:
+            pending = chunk
+        elif kind == 3:
+            pending += chunk
+        elif kind == 4:
+            chunks.append(pending + chunk)
+    return chunks
