@@ -30,3 +30,14 @@ def test_table_script_runs_fit_and_test_for_each_row(tmp_path, capsys, monkeypat
     assert "| DC-GAN |" in table and "| SDI-GAN |" in table and "MS-GAN" not in table
     assert table.count("±") == 8  # 4 columns x 2 rows, mean ± std over the 2 seeds
     assert len(list(tmp_path.glob("*/test-*/test_synthetic2d.json"))) == 4
+
+
+@pytest.mark.slow
+def test_reproduce_ch4_prints_thesis_beside_rsgm_for_the_four_models(capsys):
+    import reproduce_ch4
+
+    reproduce_ch4.main(["--seeds", "0", "--epochs", "1", "--data.n_per_condition", "10"])
+    out = capsys.readouterr().out
+    table = out[out.index("### Table 4.4.1"):]
+    for name, thesis in (("DC-GAN", "0.2 / "), ("MS-GAN", "115.5 / "), ("DivCo", "163.3 / "), ("SDI-GAN", "3.3 / ")):
+        assert f"| {name} | {thesis}" in table

@@ -16,26 +16,16 @@ Training step (manual optimisation):
 4. the generators and the router take one step on eq. 5.8:
    ``sum_i L(G_i, D_i) + lambda_util * L_util + lambda_diff * L_diff``.
 
-How eq. 5.8 reaches the router (the thesis leaves it open, spec §2.4; measurements in
-docs/expertsim.md):
+How eq. 5.8 reaches the router (the thesis leaves it open, spec §2.4; the choices and
+their measurements are in docs/expertsim.md): L_util is minus the entropy of the batch-mean
+gate probabilities (entropy maximisation, the sign the text intends); L_diff uses the
+experts' detached mean generated intensities weighted by the straight-through gates and
+the experts' shares, on photon sums rescaled to a batch-mean real sum of
+``diff_intensity_scale``; the expert losses train the experts only unless
+``expert_loss_routing`` is ``raw`` / ``baselined`` (``rsgm.losses.routing.router_terms``).
 
-* L_util: minus the entropy of the batch-mean gate probabilities, minimised (entropy
-  maximisation, the sign the text intends);
-* L_diff: the experts' mean generated intensities weighted by the straight-through gates,
-  each pair weighted by the two experts' shares (``diff_share_weighted``: the
-  between-expert variance; eq. 5.7 as printed empties experts), on photon sums rescaled so
-  the batch's mean real sum is ``diff_intensity_scale`` (10; why and how it was chosen:
-  docs/expertsim.md and tests/test_expertsim_losses.py). The intensities are detached, so
-  L_diff trains the router only;
-* expert losses: with hard routing ``sum_i L(G_i, D_i)`` has no derivative with respect to
-  the router and by default trains the experts only (``expert_loss_routing="none"``;
-  ``raw`` / ``baselined`` pass it on through ``rsgm.losses.routing.expert_loss_signal``,
-  which swamped L_util and L_diff in the measurements).
-
-An expert that receives fewer than two samples in a batch sits that step out
-(BatchNorm needs two samples in training mode). Every optimiser still steps on every
-rank, so under DDP such an expert contributes a zero gradient to the all-reduce of the
-ranks where it did receive samples (``rsgm.utils.distributed``).
+An expert that receives fewer than two samples in a batch sits that step out (BatchNorm
+needs two); every optimiser still steps on every rank, so DDP's all-reduce stays in step.
 
 Inference draws each condition's expert as in training (``inference_routing="sample"``,
 seeded Gumbel-max) or takes the argmax; ``rsgm.components.router.dispatch`` gives every
@@ -44,7 +34,6 @@ expert its routed sub-batch in one (optionally compiled) call.
 
 from __future__ import annotations
 
-import copy
 from typing import Literal
 
 import torch
@@ -52,35 +41,11 @@ from lightning.pytorch import LightningModule
 from torch import nn
 
 from rsgm.components.router import Router, annealed_temperature, dispatch
-from rsgm.lightning_modules.sdi_gan import ConditionalGAN, Diversity, RNGStateInCheckpoint, SimulatorEvaluation, check_output_shape
-from rsgm.losses.gan import auxiliary_loss, discriminator_loss
-from rsgm.losses.routing import differentiation_loss, expert_loss_signal, rescale_intensity, utilisation_loss
+from rsgm.lightning_modules.experts import build_experts
+from rsgm.lightning_modules.sdi_gan import AuxUnits, Diversity, RNGStateInCheckpoint, SimulatorEvaluation, check_output_shape
+from rsgm.losses.routing import router_terms
 from rsgm.physics.units import model_space_to_counts
 from rsgm.utils.distributed import SynchronisedManualOptimization
-
-
-def fresh_copy(module: nn.Module) -> nn.Module:
-    """A deep copy of ``module`` with every layer re-initialised: same architecture, no
-    shared tensors, independent initial weights."""
-    clone = copy.deepcopy(module)
-    for layer in clone.modules():
-        if hasattr(layer, "reset_parameters"):
-            layer.reset_parameters()
-    return clone
-
-
-def build_experts(n_experts: int, generator: nn.Module, discriminator: nn.Module, aux_regressor: nn.Module | None,
-                  **objective) -> nn.ModuleList:
-    """``n_experts`` independent ConditionalGANs sharing only their hyperparameters.
-
-    Kept outside ``ExpertSim.__init__`` so each expert's ``save_hyperparameters`` records
-    its own arguments only.
-    """
-    return nn.ModuleList(
-        ConditionalGAN(fresh_copy(generator), fresh_copy(discriminator),
-                       None if aux_regressor is None else fresh_copy(aux_regressor), **objective)
-        for _ in range(n_experts)
-    )
 
 
 class ExpertSim(RNGStateInCheckpoint, SimulatorEvaluation, SynchronisedManualOptimization, LightningModule):
@@ -99,8 +64,9 @@ class ExpertSim(RNGStateInCheckpoint, SimulatorEvaluation, SynchronisedManualOpt
         inference_routing: ``sample`` (the training-time routing distribution) or ``argmax``.
         router_hidden: hidden widths of the router MLP.
         tau_start, tau_end: Gumbel-softmax temperature at the start and end of training.
-        diversity, image_distance, lambda_div, lambda_in, lambda_aux: each expert's eq. 5.5
-            (see :class:`~rsgm.lightning_modules.sdi_gan.ConditionalGAN`).
+        diversity, image_distance, lambda_div, lambda_in, lambda_aux, aux_units: each
+            expert's eq. 5.5 (see :class:`~rsgm.lightning_modules.sdi_gan.ConditionalGAN`;
+            why features and unit coordinates by default: docs/expertsim.md).
         lr_g, lr_d, lr_aux, lr_router: Adam learning rates (betas 0.5, 0.999).
         data_space: ``log1p`` for ZDC images.
         eval_seed: seed of the evaluation noise.
@@ -127,6 +93,7 @@ class ExpertSim(RNGStateInCheckpoint, SimulatorEvaluation, SynchronisedManualOpt
         lambda_div: float = 0.1,
         lambda_in: float = 1e-3,
         lambda_aux: float = 1e-3,
+        aux_units: AuxUnits = "unit",
         lr_g: float = 1e-4,
         lr_d: float = 1e-5,
         lr_aux: float = 1e-4,
@@ -150,7 +117,7 @@ class ExpertSim(RNGStateInCheckpoint, SimulatorEvaluation, SynchronisedManualOpt
         self.automatic_optimization = False
         self.experts = build_experts(n_experts, generator, discriminator, aux_regressor, diversity=diversity,
                                      image_distance=image_distance, lambda_div=lambda_div, lambda_in=lambda_in,
-                                     lambda_aux=lambda_aux, data_space=data_space,
+                                     lambda_aux=lambda_aux, aux_units=aux_units, data_space=data_space,
                                      compile_generator=compile_generator)
         self.router = Router(n_experts, cond_dim=generator.cond_dim, hidden=tuple(router_hidden))
         self.noise_dim = generator.noise_dim
@@ -207,11 +174,9 @@ class ExpertSim(RNGStateInCheckpoint, SimulatorEvaluation, SynchronisedManualOpt
             expert, idx = self.experts[i], routed[i]
             with torch.no_grad():
                 fake = expert.generator(z1[idx], c[idx])
-            real_logit, _ = expert.discriminator(x[idx], c[idx])
-            fake_logit, _ = expert.discriminator(fake, c[idx])
-            loss_d = loss_d + discriminator_loss(real_logit, fake_logit)
-            if opt_aux:
-                loss_aux = loss_aux + auxiliary_loss(expert.aux_regressor(x[idx]), batch["peak"][idx])
+            loss_d_i, loss_aux_i = expert.critic_losses(x[idx], c[idx], fake, batch["peak"][idx] if opt_aux else None)
+            loss_d = loss_d + loss_d_i
+            loss_aux = loss_aux + loss_aux_i if opt_aux else loss_aux
         # Unconditional steps: a rank without active experts must still join the gradient all-reduce.
         for opt, loss_part in [(opt_d, loss_d)] + [(o, loss_aux) for o in opt_aux]:
             opt.zero_grad()
@@ -237,20 +202,10 @@ class ExpertSim(RNGStateInCheckpoint, SimulatorEvaluation, SynchronisedManualOpt
             intensity = intensity.index_put((idx,), self.to_output_space(fake.detach()).flatten(1).sum(1))
             for k, v in terms.items():
                 terms_sum[k] = terms_sum.get(k, 0.0) + v.detach()
-        # The router signal and L_diff see only the samples of the experts that generated this step.
-        in_step = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-        for i in active:
-            in_step[routed[i]] = True
-        router_signal = x.new_zeros(())
-        if active and hp.expert_loss_routing != "none":
-            losses = torch.stack([expert_losses.get(i, x.new_zeros(())) for i in range(hp.n_experts)])
-            baselined = hp.expert_loss_routing == "baselined"
-            router_signal = expert_loss_signal(losses, gates[in_step], baselined) * (in_step.sum() / len(x))
-        loss_util = utilisation_loss(probs)
-        intensity = rescale_intensity(intensity, batch["intensity"], hp.diff_intensity_scale)
-        loss_diff = x.new_zeros(())
-        if active:
-            loss_diff = differentiation_loss(intensity[in_step], gates[in_step][:, active], hp.diff_share_weighted)
+        router_signal, loss_util, loss_diff = router_terms(
+            gates, probs, routed, active, expert_losses, intensity, batch["intensity"],
+            expert_loss_routing=hp.expert_loss_routing, diff_intensity_scale=hp.diff_intensity_scale,
+            diff_share_weighted=hp.diff_share_weighted)
         loss = loss_experts + router_signal + hp.lambda_util * loss_util + hp.lambda_diff * loss_diff
         opt_g.zero_grad()
         opt_router.zero_grad()

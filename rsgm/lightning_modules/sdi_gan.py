@@ -1,11 +1,15 @@
-"""The conditional-GAN family of thesis chapters 4-5: DC-GAN, MS-GAN and SDI-GAN.
+"""The conditional-GAN family of thesis chapters 4-5: DC-GAN, MS-GAN, DivCo and SDI-GAN.
 
 ``diversity`` picks the regulariser: ``none`` (conditional DC-GAN), ``uniform`` (MS-GAN,
-weight 1 for every condition) or ``selective`` (SDI-GAN, weight f_div(c)).
+weight 1 for every condition), ``selective`` (SDI-GAN, weight f_div(c)) or ``divco``
+(DivCo's latent-augmented contrastive loss on the discriminator's features,
+``rsgm.losses.gan.divco_loss``: one positive code within ``divco_radius`` of z per
+coordinate, ``divco_negatives`` independent codes, temperature ``divco_tau``).
 ``image_distance`` picks d_I: ``features`` (L1 between the discriminator's penultimate
 features, chapter 4) or ``pixel`` (L1 between the outputs, chapter 5). Optional chapter-5
 terms: intensity regularisation (``lambda_in``) and the auxiliary peak regressor
-(``lambda_aux``, needs ``aux_regressor``).
+(``lambda_aux``, needs ``aux_regressor``; ``aux_units`` is the unit of eq. 5.4: ``unit``,
+coordinates scaled to [0, 1] as the data serve them, or ``pixels``, eq. 5.4 as printed).
 
 Batches are dicts with ``x``, ``cond``, ``fdiv`` and ``index`` (plus ``intensity`` and
 ``peak`` for the chapter-5 terms). ``data_space="log1p"`` says ``x`` is ``log(1 + counts)``;
@@ -25,11 +29,12 @@ from torch import nn
 
 from rsgm.components.gan import CompiledForInference
 from rsgm.errors import BadValueError
-from rsgm.losses.gan import auxiliary_loss, discriminator_loss, diversity_loss, generator_adversarial_loss, intensity_loss
+from rsgm.losses.gan import auxiliary_loss, discriminator_loss, diversity_loss, divco_loss, generator_adversarial_loss, intensity_loss
 from rsgm.physics.units import model_space_to_counts
 from rsgm.utils.distributed import SynchronisedManualOptimization, index_seeded_normal
 
-Diversity = Literal["none", "uniform", "selective"]
+Diversity = Literal["none", "uniform", "selective", "divco"]
+AuxUnits = Literal["unit", "pixels"]
 
 
 def check_output_shape(generator: nn.Module, datamodule: Any) -> None:
@@ -89,6 +94,8 @@ class ConditionalGAN(RNGStateInCheckpoint, SimulatorEvaluation, SynchronisedManu
         aux_regressor: ``A(x) -> peak (row, col)``; trained on real data, used on generated.
         diversity / image_distance: see the module docstring.
         lambda_div, lambda_in, lambda_aux: weights of eq. 5.5.
+        aux_units: ``unit`` or ``pixels`` (see the module docstring).
+        divco_negatives, divco_radius, divco_tau: DivCo's contrastive loss (``diversity: divco``).
         lr_g, lr_d, lr_aux: Adam learning rates (betas 0.5, 0.999).
         data_space: ``log1p`` for ZDC images, ``linear`` for vector data.
         eval_seed: seed of the evaluation noise, so epochs are compared on the same draws.
@@ -105,6 +112,10 @@ class ConditionalGAN(RNGStateInCheckpoint, SimulatorEvaluation, SynchronisedManu
         lambda_div: float = 0.1,
         lambda_in: float = 0.0,
         lambda_aux: float = 0.0,
+        aux_units: AuxUnits = "unit",
+        divco_negatives: int = 4,
+        divco_radius: float = 0.01,
+        divco_tau: float = 1.0,
         lr_g: float = 1e-4,
         lr_d: float = 1e-5,
         lr_aux: float = 1e-4,
@@ -113,8 +124,12 @@ class ConditionalGAN(RNGStateInCheckpoint, SimulatorEvaluation, SynchronisedManu
         compile_generator: bool = False,
     ) -> None:
         super().__init__()
-        if diversity not in ("none", "uniform", "selective"):
-            raise ValueError(f"diversity must be none, uniform or selective, got {diversity!r}")
+        if diversity not in ("none", "uniform", "selective", "divco"):
+            raise ValueError(f"diversity must be none, uniform, selective or divco, got {diversity!r}")
+        if aux_units not in ("unit", "pixels"):
+            raise ValueError(f"aux_units must be unit or pixels, got {aux_units!r}")
+        if divco_negatives < 1 or divco_tau <= 0:
+            raise ValueError(f"DivCo needs divco_negatives >= 1 and divco_tau > 0, got {divco_negatives} and {divco_tau}")
         if lambda_aux > 0 and aux_regressor is None:
             raise ValueError("lambda_aux > 0 needs an aux_regressor")
         self.save_hyperparameters(ignore=["generator", "discriminator", "aux_regressor"])
@@ -147,7 +162,9 @@ class ConditionalGAN(RNGStateInCheckpoint, SimulatorEvaluation, SynchronisedManu
         x1 = generator(z1, c)
         logit1, f1 = discriminator(x1, c)
         terms = {"adv": generator_adversarial_loss(logit1)}
-        if hp.diversity != "none" and hp.lambda_div > 0:
+        if hp.diversity == "divco" and hp.lambda_div > 0:
+            terms["div"] = hp.lambda_div * self.divco_term(c, z1, f1, generator, discriminator)
+        elif hp.diversity != "none" and hp.lambda_div > 0:
             x2 = generator(z2, c)
             logit2, f2 = discriminator(x2, c)
             terms["adv"] = 0.5 * (terms["adv"] + generator_adversarial_loss(logit2))
@@ -157,8 +174,35 @@ class ConditionalGAN(RNGStateInCheckpoint, SimulatorEvaluation, SynchronisedManu
         if hp.lambda_in > 0:
             terms["in"] = hp.lambda_in * intensity_loss(self.to_output_space(x1).flatten(1).sum(1), batch["intensity"])
         if hp.lambda_aux > 0:
-            terms["aux"] = hp.lambda_aux * auxiliary_loss(aux_regressor(x1), batch["peak"])
+            terms["aux"] = hp.lambda_aux * self.peak_loss(aux_regressor(x1), batch["peak"], x1)
         return sum(terms.values()), terms, x1
+
+    def divco_term(self, c: torch.Tensor, z: torch.Tensor, features: torch.Tensor, generator: nn.Module,
+                   discriminator: nn.Module) -> torch.Tensor:
+        """DivCo's loss for anchors G(c, z) with discriminator ``features``: one positive
+        code z + U(-r, r) per sample and K independent negatives, generated in one call."""
+        hp, k = self.hparams, self.hparams.divco_negatives
+        z_pos = z + hp.divco_radius * (2 * torch.rand_like(z) - 1)
+        codes = torch.cat([z_pos.unsqueeze(0), torch.randn(k, *z.shape, device=z.device, dtype=z.dtype)]).flatten(0, 1)
+        cond = c.repeat(k + 1, *[1] * (c.dim() - 1))
+        _, f = discriminator(generator(codes, cond), cond)
+        f = f.reshape(k + 1, len(z), -1)
+        return divco_loss(features.flatten(1), f[0], f[1:].transpose(0, 1), hp.divco_tau)
+
+    def peak_loss(self, predicted: torch.Tensor, target: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """Eq. 5.4 on peak coordinates stored in [0, 1], in the unit ``aux_units`` names."""
+        pixels = self.hparams.get("aux_units", "unit") == "pixels"
+        rows, cols = image.shape[-2:]
+        return auxiliary_loss(predicted, target, torch.tensor([rows - 1.0, cols - 1.0]) if pixels else None)
+
+    def critic_losses(self, x: torch.Tensor, c: torch.Tensor, fake: torch.Tensor,
+                      peak: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The discriminator's loss on real ``x`` against ``fake``, and the regressor's
+        eq. 5.4 on real ``x`` (``None`` without a regressor)."""
+        real_logit, _ = self.discriminator(x, c)
+        fake_logit, _ = self.discriminator(fake, c)
+        loss_aux = None if self.aux_regressor is None else self.peak_loss(self.aux_regressor(x), peak, x)
+        return discriminator_loss(real_logit, fake_logit), loss_aux
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         opt_g, opt_d, *opt_aux = self.optimizers()
@@ -167,16 +211,13 @@ class ConditionalGAN(RNGStateInCheckpoint, SimulatorEvaluation, SynchronisedManu
 
         with torch.no_grad():
             fake = self.generator(z1, c)
-        real_logit, _ = self.discriminator(x, c)
-        fake_logit, _ = self.discriminator(fake, c)
-        loss_d = discriminator_loss(real_logit, fake_logit)
+        loss_d, loss_aux = self.critic_losses(x, c, fake, batch.get("peak"))
         opt_d.zero_grad()
         self.manual_backward(loss_d)
         opt_d.step()
         logs = {"train/loss_d": loss_d}
 
         if opt_aux:
-            loss_aux = auxiliary_loss(self.aux_regressor(x), batch["peak"])
             opt_aux[0].zero_grad()
             self.manual_backward(loss_aux)
             opt_aux[0].step()

@@ -35,6 +35,34 @@ def intensity_loss(generated_sum: torch.Tensor, real_sum: torch.Tensor) -> torch
     return (generated_sum - real_sum).abs().mean()
 
 
-def auxiliary_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """L_aux = 1/N_b sum_i (k^_i - k_i)^2 + (l^_i - l_i)^2 for peak coordinates (eq. 5.4)."""
-    return ((predicted - target) ** 2).sum(dim=1).mean()
+def auxiliary_loss(predicted: torch.Tensor, target: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """L_aux = 1/N_b sum_i (k^_i - k_i)^2 + (l^_i - l_i)^2 for peak coordinates (eq. 5.4).
+
+    ``scale`` ``(2,)`` multiplies each coordinate's error first: with coordinates stored in
+    [0, 1] (row / (H - 1), col / (W - 1)), ``scale = (H - 1, W - 1)`` gives eq. 5.4 in pixel
+    units; ``None`` keeps the stored units.
+    """
+    error = predicted - target
+    if scale is not None:
+        error = error * scale.to(error)
+    return (error ** 2).sum(dim=1).mean()
+
+
+def divco_loss(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """DivCo's latent-augmented contrastive loss (Liu et al., CVPR 2021; thesis §4.2 baseline).
+
+    For every sample b, with f = feature / ||feature|| (discriminator features of G(c, z)):
+
+        L_b = -log( exp(f_b . f_b+ / tau) / (exp(f_b . f_b+ / tau) + sum_j exp(f_b . f_bj- / tau)) )
+
+    ``anchor`` ``(B, F)`` are the features of G(c, z), ``positive`` ``(B, F)`` those of
+    G(c, z+) with z+ close to z, ``negatives`` ``(B, K, F)`` those of G(c, z_j-) with
+    independent z_j-; the same condition c throughout a row. Minimising it makes outputs of
+    nearby codes similar and outputs of distant codes dissimilar. Returns the batch mean.
+    """
+    if anchor.dim() != 2 or positive.shape != anchor.shape or negatives.dim() != 3 or negatives.shape[0] != anchor.shape[0]:
+        raise ValueError(f"need anchor (B, F), positive (B, F), negatives (B, K, F); got {tuple(anchor.shape)}, "
+                         f"{tuple(positive.shape)}, {tuple(negatives.shape)}")
+    a, p, n = F.normalize(anchor, dim=-1), F.normalize(positive, dim=-1), F.normalize(negatives, dim=-1)
+    logits = torch.cat([(a * p).sum(-1, keepdim=True), torch.einsum("bf,bkf->bk", a, n)], dim=1) / tau
+    return F.cross_entropy(logits, torch.zeros(len(a), dtype=torch.long, device=a.device))

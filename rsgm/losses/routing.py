@@ -86,3 +86,28 @@ def expert_loss_signal(expert_losses: torch.Tensor, gates: torch.Tensor, baselin
     if baseline:
         losses = losses - (hard @ losses).mean()
     return ((gates - hard) * hard * losses).sum() / len(gates)
+
+
+def router_terms(gates: torch.Tensor, probs: torch.Tensor, routed: list[torch.Tensor], active: list[int],
+                 expert_losses: dict[int, torch.Tensor], intensity: torch.Tensor, real_intensity: torch.Tensor, *,
+                 expert_loss_routing: str, diff_intensity_scale: float | None,
+                 diff_share_weighted: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The router's three terms of eq. 5.8 for one batch: (expert-loss signal, L_util, L_diff).
+
+    ``routed[i]`` are the batch rows routed to expert i, ``active`` the experts that
+    generated this step (their losses in ``expert_losses``, their generated photon sums in
+    ``intensity``). The signal (``expert_loss_signal``, ``expert_loss_routing`` ``raw`` or
+    ``baselined``, 0 for ``none``) and L_diff see only the rows of the active experts;
+    L_util sees every row's gate probabilities ``probs``.
+    """
+    zero = gates.new_zeros(())
+    in_step = torch.zeros(len(gates), dtype=torch.bool, device=gates.device)
+    for i in active:
+        in_step[routed[i]] = True
+    signal = zero
+    if active and expert_loss_routing != "none":
+        losses = torch.stack([expert_losses.get(i, zero) for i in range(gates.shape[1])])
+        signal = expert_loss_signal(losses, gates[in_step], expert_loss_routing == "baselined") * (in_step.sum() / len(gates))
+    intensity = rescale_intensity(intensity, real_intensity, diff_intensity_scale)
+    loss_diff = differentiation_loss(intensity[in_step], gates[in_step][:, active], diff_share_weighted) if active else zero
+    return signal, utilisation_loss(probs), loss_diff

@@ -135,3 +135,24 @@ def simulate_zdc(
         stop = min(start + chunk_size, n_samples)
         images[start:stop] = _render(cond.iloc[start:stop], charged[start:stop], detector, rng)
     return images, cond
+
+
+def resimulate_zdc(conditions: np.ndarray | pd.DataFrame, detector: str = "neutron", seed: int = 0,
+                   chunk_size: int = 8192) -> np.ndarray:
+    """A second, independent Monte-Carlo run for the given particles: photon-count images
+    ``(N, H, W)`` for ``conditions`` (``(N, 9)`` in ``CONDITION_COLUMNS`` order, or a table
+    with those columns), with fresh randomness from ``seed`` (Poisson counts and, for
+    charged particles, shower start, kick and width). Comparing it with the first run's
+    responses gives the Monte-Carlo row of thesis Table 5.4.2."""
+    table = conditions if isinstance(conditions, pd.DataFrame) else pd.DataFrame(np.asarray(conditions), columns=list(CONDITION_COLUMNS))
+    missing = [c for c in CONDITION_COLUMNS if c not in table.columns]
+    if missing:
+        raise ValueError(f"conditions lack the columns {missing}")
+    rows, cols = _image_shape(detector)
+    rng = np.random.default_rng(seed)
+    charged = table["charge"].to_numpy() != 0
+    images = np.empty((len(table), rows, cols), dtype=np.float32)
+    for start in range(0, len(table), chunk_size):
+        stop = min(start + chunk_size, len(table))
+        images[start:stop] = _render(table.iloc[start:stop], charged[start:stop], detector, rng)
+    return images
