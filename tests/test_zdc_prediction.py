@@ -162,7 +162,7 @@ def test_compile_falls_back_to_eager_once(monkeypatch):
     for _ in range(2):
         a, _ = eager.simulate(cond, torch.Generator().manual_seed(1))
         b, _ = compiled.simulate(cond, torch.Generator().manual_seed(1))
-        assert torch.equal(a, b)
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-3)  # the eager fallback runs the fused form
     assert len(messages) == 1 and "eager" in messages[0] and "no compiler here" in messages[0]
     assert compiled.state_dict().keys() == eager.state_dict().keys()
 

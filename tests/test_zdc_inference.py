@@ -1,0 +1,108 @@
+"""The fused inference form of the ZDC generator computes the eval-mode function of the
+trained generator (BatchNorm folded, sub-pixel convolutions, channels-last), up to float
+rounding, and follows the generator's weights as they change."""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from rsgm.components.gan import CompiledForInference, ZDCGenerator
+from rsgm.components.zdc_inference import FusedZDCGenerator, fold_batchnorm, subpixel_conv, subpixel_weight
+
+
+def randomise_batchnorm(module: nn.Module, gen: torch.Generator) -> None:
+    """Running statistics and affine parameters far from their initial (identity) values."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                m.running_mean.copy_(torch.randn(m.num_features, generator=gen))
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) * 2 + 0.2)
+                m.weight.copy_(torch.randn(m.num_features, generator=gen))
+                m.bias.copy_(torch.randn(m.num_features, generator=gen))
+
+
+def test_fold_batchnorm_matches_batchnorm_by_hand():
+    bn = nn.BatchNorm1d(2, eps=0.0).eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.tensor([1.0, -2.0]))
+        bn.running_var.copy_(torch.tensor([4.0, 0.25]))
+        bn.weight.copy_(torch.tensor([3.0, 1.0]))
+        bn.bias.copy_(torch.tensor([0.5, 0.0]))
+    weight, bias = torch.tensor([[1.0, 0.0], [2.0, 1.0]]), torch.tensor([0.0, 1.0])
+    w, b = fold_batchnorm(weight, bias, bn)
+    # channel 0: 3 * (x - 1) / 2 + 0.5 ; channel 1: (2 x0 + x1 + 1 + 2) / 0.5
+    torch.testing.assert_close(w, torch.tensor([[1.5, 0.0], [4.0, 2.0]]))
+    torch.testing.assert_close(b, torch.tensor([-1.0, 6.0]))
+    x = torch.randn(5, 2)
+    torch.testing.assert_close(F.linear(x, w, b), bn(F.linear(x, weight, bias)))
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 5, 7), (2, 1, 1, 1), (1, 3, 11, 11)])
+def test_subpixel_conv_is_upsample_then_conv(shape):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=gen)
+    weight, bias = torch.randn(6, shape[1], 3, 3, generator=gen), torch.randn(6, generator=gen)
+    expected = F.conv2d(F.interpolate(x, size=(2 * shape[2], 2 * shape[3]), mode="nearest"), weight, bias, padding=1)
+    torch.testing.assert_close(subpixel_conv(x, subpixel_weight(weight), bias), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_subpixel_weight_of_a_single_tap():
+    """A kernel with one non-zero tap (row 2, column 0) lands in the phases that read it."""
+    weight = torch.zeros(1, 1, 3, 3)
+    weight[0, 0, 2, 0] = 1.0
+    phases = subpixel_weight(weight)[:, 0]  # phase k = 2 p + q
+    # rows: phase p=0 puts tap 2 at source offset 0 (index 1), p=1 at +1 (index 1);
+    # columns: q=0 puts tap 0 at offset -1 (index 0), q=1 at offset 0 (index 0).
+    expected = torch.zeros(4, 2, 2)
+    expected[:, 1, 0] = 1.0
+    torch.testing.assert_close(phases, expected)
+
+
+@pytest.mark.parametrize("detector", ["neutron", "proton"])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_fused_generator_matches_eval_generator(detector, channels_last):
+    gen = torch.Generator().manual_seed(1)
+    torch.manual_seed(1)
+    g = ZDCGenerator(detector, width=0.125)
+    randomise_batchnorm(g, gen)
+    g.eval()
+    fused = FusedZDCGenerator(g, channels_last=channels_last)
+    kinds = [c.kind for c in fused.convs]
+    assert kinds.count("subpixel") == (2 if detector == "neutron" else 1)  # proton's 40x20 -> 56x30 is not x2
+    z, c = torch.randn(33, 10, generator=gen), torch.randn(33, 9, generator=gen)
+    with torch.inference_mode():
+        expected = g(z, c)
+        got = fused(z, c)
+    assert got.shape == expected.shape and got.is_contiguous()
+    assert expected.std() > 0.01  # not a clipped constant
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_form_follows_weight_updates_and_generation_uses_it(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    torch.manual_seed(2)
+    g = ZDCGenerator(width=0.125)
+    runner = CompiledForInference(g, log=lambda message: None)
+    z, c = torch.randn(16, 10), torch.randn(16, 9)
+    opt = torch.optim.SGD(g.parameters(), lr=0.5)
+    for _ in range(2):
+        g.train()
+        loss = g(z, c).mean() + g.convs[1].weight.square().sum()  # moves weights and BatchNorm statistics
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        g.eval()
+        with torch.inference_mode():
+            torch.testing.assert_close(runner(z, c), g(z, c), rtol=1e-4, atol=1e-5)
+    assert isinstance(runner.form, FusedZDCGenerator)
+    assert g.state_dict().keys() == ZDCGenerator(width=0.125).state_dict().keys()  # the form is never checkpointed
+
+
+def test_fused_inference_off_compiles_the_module_itself():
+    g = ZDCGenerator(width=0.125, fused_inference=False)
+    assert g.inference_form() is g
+    assert isinstance(ZDCGenerator(width=0.125).inference_form(), FusedZDCGenerator)
