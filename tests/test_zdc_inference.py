@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from rsgm.components.gan import CompiledForInference, ZDCGenerator
-from rsgm.components.zdc_inference import FusedZDCGenerator, fold_batchnorm, subpixel_conv, subpixel_weight
+from rsgm.components.zdc_inference import FusedZDCGenerator, fold_batchnorm, transposed_weight, upsample_conv
 
 
 def randomise_batchnorm(module: nn.Module, gen: torch.Generator) -> None:
@@ -39,24 +39,22 @@ def test_fold_batchnorm_matches_batchnorm_by_hand():
 
 
 @pytest.mark.parametrize("shape", [(3, 4, 5, 7), (2, 1, 1, 1), (1, 3, 11, 11)])
-def test_subpixel_conv_is_upsample_then_conv(shape):
+def test_transposed_conv_is_upsample_then_conv(shape):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(*shape, generator=gen)
     weight, bias = torch.randn(6, shape[1], 3, 3, generator=gen), torch.randn(6, generator=gen)
     expected = F.conv2d(F.interpolate(x, size=(2 * shape[2], 2 * shape[3]), mode="nearest"), weight, bias, padding=1)
-    torch.testing.assert_close(subpixel_conv(x, subpixel_weight(weight), bias), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(upsample_conv(x, transposed_weight(weight), bias), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_subpixel_weight_of_a_single_tap():
-    """A kernel with one non-zero tap (row 2, column 0) lands in the phases that read it."""
+def test_transposed_weight_of_a_single_tap():
+    """A kernel with one non-zero tap (row 2, column 0) lands on the transposed taps that use it:
+    rows (w2, w1 + w2, w0 + w1, w0) -> taps 0 and 1; columns -> taps 2 and 3."""
     weight = torch.zeros(1, 1, 3, 3)
     weight[0, 0, 2, 0] = 1.0
-    phases = subpixel_weight(weight)[:, 0]  # phase k = 2 p + q
-    # rows: phase p=0 puts tap 2 at source offset 0 (index 1), p=1 at +1 (index 1);
-    # columns: q=0 puts tap 0 at offset -1 (index 0), q=1 at offset 0 (index 0).
-    expected = torch.zeros(4, 2, 2)
-    expected[:, 1, 0] = 1.0
-    torch.testing.assert_close(phases, expected)
+    expected = torch.zeros(1, 1, 4, 4)
+    expected[0, 0, :2, 2:] = 1.0
+    torch.testing.assert_close(transposed_weight(weight), expected)
 
 
 @pytest.mark.parametrize("detector", ["neutron", "proton"])
@@ -69,7 +67,7 @@ def test_fused_generator_matches_eval_generator(detector, channels_last):
     g.eval()
     fused = FusedZDCGenerator(g, channels_last=channels_last)
     kinds = [c.kind for c in fused.convs]
-    assert kinds.count("subpixel") == (2 if detector == "neutron" else 1)  # proton's 40x20 -> 56x30 is not x2
+    assert kinds.count("transposed") == (2 if detector == "neutron" else 1)  # proton's 40x20 -> 56x30 is not x2
     z, c = torch.randn(33, 10, generator=gen), torch.randn(33, 9, generator=gen)
     with torch.inference_mode():
         expected = g(z, c)
@@ -106,3 +104,22 @@ def test_fused_inference_off_compiles_the_module_itself():
     g = ZDCGenerator(width=0.125, fused_inference=False)
     assert g.inference_form() is g
     assert isinstance(ZDCGenerator(width=0.125).inference_form(), FusedZDCGenerator)
+
+
+def test_bfloat16_form_is_close_but_opt_in():
+    gen = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)
+    g = ZDCGenerator(width=0.125)
+    randomise_batchnorm(g, gen)
+    with torch.no_grad():
+        g.convs[-2].bias.fill_(2.0)  # outputs away from the clip at 0
+    g.eval()
+    z, c = torch.randn(64, 10, generator=gen), torch.randn(64, 9, generator=gen)
+    with torch.inference_mode():
+        expected = g(z, c)
+        got = ZDCGenerator(width=0.125, inference_dtype="bfloat16").inference_form().__class__(g, dtype=torch.bfloat16)(z, c)
+    assert got.dtype == torch.float32
+    deviation = (got - expected).abs().max().item()
+    assert 0 < deviation < 0.05  # bfloat16 rounding (about 3 significant digits), in log1p photons
+    assert ZDCGenerator(width=0.125).inference_form().dtype == torch.float32
+    assert ZDCGenerator(width=0.125, inference_dtype="bfloat16").inference_form().dtype == torch.bfloat16

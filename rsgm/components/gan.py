@@ -42,17 +42,22 @@ class ZDCGenerator(nn.Module):
     :class:`~rsgm.components.zdc_inference.FusedZDCGenerator`, the same eval-mode function
     with BatchNorm folded, upsampling + convolution as sub-pixel convolutions and a
     channels-last layout (equal up to float rounding); off, it compiles this module as is.
+    ``inference_dtype="bfloat16"`` (opt-in, with ``fused_inference``) runs that form in
+    bfloat16: faster on CPUs with AVX512-BF16, about 3 significant digits.
     """
 
     def __init__(self, detector: Literal["neutron", "proton"] = "neutron", noise_dim: int = 10, cond_dim: int = 9,
-                 width: float = 1.0, max_photons: float = 4000.0, fused_inference: bool = True) -> None:
+                 width: float = 1.0, max_photons: float = 4000.0, fused_inference: bool = True,
+                 inference_dtype: Literal["float32", "bfloat16"] = "float32") -> None:
         super().__init__()
         if detector not in IMAGE_SHAPES:
             raise ValueError(f"unknown detector {detector!r}; choose one of {sorted(IMAGE_SHAPES)}")
         if width <= 0:
             raise ValueError(f"width must be positive, got {width}")
         self.noise_dim, self.cond_dim, self.image_shape = noise_dim, cond_dim, IMAGE_SHAPES[detector]
-        self.fused_inference = fused_inference
+        if inference_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"inference_dtype must be float32 or bfloat16, got {inference_dtype!r}")
+        self.fused_inference, self.inference_dtype = fused_inference, inference_dtype
         (h0, w0), mid = _GRID[detector]
         c0, c1, c2 = (max(4, round(c * width)) for c in (128, 128, 64))
         self.dense = nn.Sequential(
@@ -72,7 +77,9 @@ class ZDCGenerator(nn.Module):
 
     def inference_form(self) -> nn.Module:
         """The module that generation compiles: the fused form, or this one."""
-        return FusedZDCGenerator(self) if self.fused_inference else self
+        if not self.fused_inference:
+            return self
+        return FusedZDCGenerator(self, dtype=getattr(torch, self.inference_dtype))
 
 
 class ZDCDiscriminator(nn.Module):
