@@ -82,9 +82,11 @@ class _Conv(nn.Module):
             if self.size is not None:
                 x = F.interpolate(x, size=self.size, mode="nearest")
             x = F.conv2d(x, self.weight, self.bias, padding=1)
+        # In place: the convolution's output is a temporary, and writing a fresh activation
+        # tensor costs more in page faults than the activation itself (measured in docs/zdc.md).
         if self.slope is not None:
-            return F.leaky_relu(x, self.slope)
-        return x.clamp(*self.clip) if self.clip is not None else x
+            return F.leaky_relu(x, self.slope, inplace=True)
+        return x.clamp_(*self.clip) if self.clip is not None else x
 
 
 class FusedZDCGenerator(nn.Module):
@@ -154,7 +156,7 @@ class FusedZDCGenerator(nn.Module):
     def forward(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         h = torch.cat([z, cond], dim=1).to(self.dtype)
         for w, b, slope in zip(self.linear_w, self.linear_b, self.slopes):
-            h = F.leaky_relu(F.linear(h, w, b), slope)
+            h = F.leaky_relu(F.linear(h, w, b), slope, inplace=True)
         h = h.view(-1, *self.grid)
         if self.channels_last:
             h = h.contiguous(memory_format=torch.channels_last)
