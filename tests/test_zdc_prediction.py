@@ -162,7 +162,7 @@ def test_compile_falls_back_to_eager_once(monkeypatch):
     for _ in range(2):
         a, _ = eager.simulate(cond, torch.Generator().manual_seed(1))
         b, _ = compiled.simulate(cond, torch.Generator().manual_seed(1))
-        assert torch.equal(a, b)
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-3)  # the eager fallback runs the fused form
     assert len(messages) == 1 and "eager" in messages[0] and "no compiler here" in messages[0]
     assert compiled.state_dict().keys() == eager.state_dict().keys()
 
@@ -207,3 +207,29 @@ def test_two_ddp_processes_write_one_ordered_file(tmp_path):
     dm.setup("fit")
     np.testing.assert_allclose(images[:, 0, 0], np.repeat(echo_counts(cond.to_numpy(), dm), 2), rtol=1e-5)
     assert not list(tmp_path.glob(".showers.h5.part*"))
+
+
+def test_evaluation_and_predict_noise_depend_on_the_sample_index_only():
+    """ExpertSim's evaluation and predict outputs (noise and routing) for a sample are the same
+    whatever batch it comes in, so 1 and 2 processes, or any batch size, give one result."""
+    torch.manual_seed(0)
+    model = ExpertSim(ZDCGenerator(width=0.125), ZDCDiscriminator(), None, n_experts=3, lambda_aux=0.0).eval()
+    with torch.no_grad():
+        model.router.net[-1].bias.copy_(torch.tensor([0.0, 0.3, -0.3]))  # routing is a draw, not a tie
+        for expert in model.experts:
+            expert.generator.convs[-2].bias.fill_(1.0)  # outputs off the clip at 0 photons
+    n = 12
+    batch = {"x": torch.rand(n, 1, 44, 44), "cond": torch.randn(n, 9), "index": torch.arange(100, 100 + n)}
+    whole = model.generate(batch)
+    parts = [model.generate({k: v[s] for k, v in batch.items()}) for s in (slice(0, 5), slice(5, n))]
+    torch.testing.assert_close(torch.cat([p["fake"] for p in parts]), whole["fake"])
+    assert torch.equal(torch.cat([p["expert"] for p in parts]), whole["expert"])
+    assert len(set(whole["expert"].tolist())) > 1  # routing draws differ between samples
+    shuffled = torch.randperm(n)  # order within a batch does not matter either
+    again = model.generate({k: v[shuffled] for k, v in batch.items()})
+    torch.testing.assert_close(again["fake"], whole["fake"][shuffled])
+    pred_whole = model.predict_step({"cond": batch["cond"], "index": batch["index"]}, 0)
+    pred_part = model.predict_step({"cond": batch["cond"][5:], "index": batch["index"][5:]}, 1)
+    torch.testing.assert_close(pred_part["fake"], pred_whole["fake"][5:])
+    torch.testing.assert_close(pred_whole["fake"], whole["fake"])  # same seed, same index: same draws
+    assert not torch.equal(whole["fake"][0], whole["fake"][1])

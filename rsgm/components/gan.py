@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from rsgm.components.zdc_inference import FusedZDCGenerator
 from rsgm.physics.simulator import IMAGE_SHAPES
 
 # Spatial size after the dense layer, then the size after the first upsampling.
@@ -36,16 +37,27 @@ class ZDCGenerator(nn.Module):
     The output is clipped to [0, log1p(max_photons)] (a ReLU6-style bound): no fibre sees
     more photons than a whole shower holds (3,360 at most in the published neutron data),
     and the bound keeps a briefly unstable generator from emitting exp(20)-photon pixels.
+
+    ``fused_inference`` (default on): compiled generation (``compile_generator``) runs
+    :class:`~rsgm.components.zdc_inference.FusedZDCGenerator`, the same eval-mode function
+    with BatchNorm folded, upsampling + convolution as sub-pixel convolutions and a
+    channels-last layout (equal up to float rounding); off, it compiles this module as is.
+    ``inference_dtype="bfloat16"`` (opt-in, with ``fused_inference``) runs that form in
+    bfloat16: faster on CPUs with AVX512-BF16, about 3 significant digits.
     """
 
     def __init__(self, detector: Literal["neutron", "proton"] = "neutron", noise_dim: int = 10, cond_dim: int = 9,
-                 width: float = 1.0, max_photons: float = 4000.0) -> None:
+                 width: float = 1.0, max_photons: float = 4000.0, fused_inference: bool = True,
+                 inference_dtype: Literal["float32", "bfloat16"] = "float32") -> None:
         super().__init__()
         if detector not in IMAGE_SHAPES:
             raise ValueError(f"unknown detector {detector!r}; choose one of {sorted(IMAGE_SHAPES)}")
         if width <= 0:
             raise ValueError(f"width must be positive, got {width}")
         self.noise_dim, self.cond_dim, self.image_shape = noise_dim, cond_dim, IMAGE_SHAPES[detector]
+        if inference_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"inference_dtype must be float32 or bfloat16, got {inference_dtype!r}")
+        self.fused_inference, self.inference_dtype = fused_inference, inference_dtype
         (h0, w0), mid = _GRID[detector]
         c0, c1, c2 = (max(4, round(c * width)) for c in (128, 128, 64))
         self.dense = nn.Sequential(
@@ -62,6 +74,12 @@ class ZDCGenerator(nn.Module):
     def forward(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         h = self.dense(torch.cat([z, cond], dim=1)).view(-1, *self.grid)
         return self.convs(h)
+
+    def inference_form(self) -> nn.Module:
+        """The module that generation compiles: the fused form, or this one."""
+        if not self.fused_inference:
+            return self
+        return FusedZDCGenerator(self, dtype=getattr(torch, self.inference_dtype))
 
 
 class ZDCDiscriminator(nn.Module):
@@ -152,8 +170,10 @@ class MLPDiscriminator(nn.Module):
 
 class CompiledForInference:
     """Calls a module under ``torch.compile`` (dynamic batch size) for generation, falling
-    back to the eager module when compilation is unavailable or fails (e.g. no C++
-    compiler for inductor on CPU); the fallback is logged once per process.
+    back to eager when compilation is unavailable or fails (e.g. no C++ compiler for
+    inductor on CPU); the fallback is logged once per process. What it compiles is the
+    module's ``inference_form()`` when it has one (``ZDCGenerator``: the fused form, kept in
+    step with the module's weights before every call), else the module itself.
 
     Not an ``nn.Module``: it is never part of a state dict, and the eager module it wraps
     stays the one that trains and is checkpointed. Only use it without gradients.
@@ -163,14 +183,23 @@ class CompiledForInference:
 
     def __init__(self, module: nn.Module, log=print) -> None:
         self.module, self.log = module, log
+        self.form: nn.Module | None = None
         self.compiled = None
         self.failed = False
 
+    def inference_form(self) -> nn.Module:
+        if self.form is None:
+            self.form = self.module.inference_form() if hasattr(self.module, "inference_form") else self.module
+        if self.form is not self.module and hasattr(self.form, "refresh"):
+            self.form.refresh()
+        return self.form
+
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        form = self.inference_form()
         if not self.failed:
             try:
                 if self.compiled is None:
-                    self.compiled = torch.compile(self.module, dynamic=True)
+                    self.compiled = torch.compile(form, dynamic=True)
                 return self.compiled(*args)
             except Exception as err:  # noqa: BLE001  any compiler failure: eager gives the same result
                 self.failed = True
@@ -178,7 +207,7 @@ class CompiledForInference:
                     CompiledForInference._fallback_said = True
                     self.log(f"torch.compile is unavailable here ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
                              "generating in eager mode")
-        return self.module(*args)
+        return form(*args)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "compiled": None}  # compiled code does not travel (deepcopy, spawn)
+        return {**self.__dict__, "compiled": None, "form": None}  # derived; rebuilt after deepcopy / spawn

@@ -52,17 +52,19 @@ class Router(nn.Module):
         return F.gumbel_softmax(logits, tau=tau, hard=True), logits.softmax(dim=1)
 
     @torch.no_grad()
-    def assign(self, cond: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+    def assign(self, cond: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None,
+               uniforms: torch.Tensor | None = None) -> torch.Tensor:
         """Inference-time routing: the expert id ``(B,)`` of every condition.
 
         ``sample=True`` draws ``argmax(logits + Gumbel noise)``, i.e. a sample of
         ``softmax(logits)``: exactly the distribution of the hard training-time assignment
         (the temperature changes the gradient, never the argmax), so each expert is
         asked for the conditions it was trained on. ``sample=False`` takes ``argmax(logits)``.
+        ``uniforms`` ``(B, N)`` in (0, 1), if given, replace the draws from ``generator``.
         """
         logits = self(cond)
         if sample:
-            u = torch.rand(logits.shape, generator=generator).to(logits.device)
+            u = (torch.rand(logits.shape, generator=generator) if uniforms is None else uniforms).to(logits.device)
             logits = logits - torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
         return logits.argmax(dim=1)
 

@@ -45,7 +45,7 @@ from rsgm.lightning_modules.experts import build_experts
 from rsgm.lightning_modules.sdi_gan import AuxUnits, Diversity, RNGStateInCheckpoint, SimulatorEvaluation, check_output_shape
 from rsgm.losses.routing import router_terms
 from rsgm.physics.units import model_space_to_counts
-from rsgm.utils.distributed import SynchronisedManualOptimization
+from rsgm.utils.distributed import SynchronisedManualOptimization, index_seeded_normal
 
 
 class ExpertSim(RNGStateInCheckpoint, SimulatorEvaluation, SynchronisedManualOptimization, LightningModule):
@@ -237,16 +237,19 @@ class ExpertSim(RNGStateInCheckpoint, SimulatorEvaluation, SynchronisedManualOpt
         return dispatch([e.run_generator for e in self.experts], z, cond, expert_of)
 
     @torch.inference_mode()
-    def simulate(self, cond: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Photon-count responses for ``cond`` and the expert id of each (one call per expert)."""
-        z = torch.randn(len(cond), self.noise_dim, generator=generator).to(cond.device)
-        expert_of = self.route(cond, generator)
-        return self.to_output_space(self.dispatch(z, cond, expert_of)), expert_of
+    def simulate(self, cond: torch.Tensor, generator: torch.Generator | None = None,
+                 index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Photon counts and expert ids for ``cond``; noise and routing from ``generator``, or by ``index`` alone."""
+        hp, seeded = self.hparams, index is not None
+        z = (index_seeded_normal(index, self.noise_dim, hp.eval_seed) if seeded
+             else torch.randn(len(cond), self.noise_dim, generator=generator))
+        u = torch.special.ndtr(index_seeded_normal(index, hp.n_experts, hp.eval_seed + 1)) if seeded else None
+        expert_of = self.router.assign(cond, sample=hp.inference_routing == "sample", generator=generator, uniforms=u)
+        return self.to_output_space(self.dispatch(z.to(cond.device), cond, expert_of)), expert_of
 
     def generate(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Evaluation outputs; noise and routing seeded by the batch's first sample index."""
-        gen = torch.Generator().manual_seed(self.hparams.eval_seed + int(batch["index"][0]))
-        fake, expert_of = self.simulate(batch["cond"], gen)
+        """Evaluation outputs; noise and routing seeded by each sample's index."""
+        fake, expert_of = self.simulate(batch["cond"], index=batch["index"])
         return {"real": self.to_output_space(batch["x"]), "fake": fake,
                 "expert": expert_of, "index": batch["index"], "batch": batch}
 

@@ -64,8 +64,9 @@ class SimulatorEvaluation:
     responses for the evaluation callbacks); predict returns the generated responses in
     photon counts with the batch's bookkeeping (``index``, ``sample``, ``position``,
     ``raw_cond``) and, for a mixture, the ``expert`` of each (see
-    ``rsgm.callbacks.prediction_writer``). The model provides ``simulate(cond, generator)``
-    returning ``(responses, expert ids or None)``."""
+    ``rsgm.callbacks.prediction_writer``). The model provides ``simulate(cond, generator,
+    index=None)`` returning ``(responses, expert ids or None)``; with ``index``, the noise of
+    each row is seeded by its index alone (any batch size or process count gives the same)."""
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         return self.generate(batch)
@@ -74,10 +75,8 @@ class SimulatorEvaluation:
         return self.generate(batch)
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        # Noise seeded by the batch's first output row: reproducible for a given batch size.
-        first = batch["position"] if "position" in batch else batch["index"]
-        gen = torch.Generator().manual_seed(self.hparams.eval_seed + int(first[0]))
-        fake, expert = self.simulate(batch["cond"], gen)
+        # Noise seeded by each output row's position: the same for any batch size and process count.
+        fake, expert = self.simulate(batch["cond"], index=batch["position"] if "position" in batch else batch["index"])
         out = {"fake": fake, **{k: batch[k] for k in ("index", "sample", "position", "raw_cond") if k in batch}}
         if expert is not None:
             out["expert"] = expert
@@ -251,9 +250,12 @@ class ConditionalGAN(RNGStateInCheckpoint, SimulatorEvaluation, SynchronisedManu
         return self._compiled(z, cond)
 
     @torch.inference_mode()
-    def simulate(self, cond: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, None]:
-        """Output-space (photon-count) responses for ``cond``; noise drawn from ``generator``."""
-        z = torch.randn(len(cond), self.generator.noise_dim, generator=generator).to(cond.device)
+    def simulate(self, cond: torch.Tensor, generator: torch.Generator | None = None,
+                 index: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+        """Output-space (photon-count) responses for ``cond``; noise drawn from ``generator``,
+        or seeded by each row's ``index`` (``index_seeded_normal``) when given."""
+        z = (torch.randn(len(cond), self.generator.noise_dim, generator=generator) if index is None
+             else index_seeded_normal(index, self.generator.noise_dim, self.hparams.eval_seed)).to(cond.device)
         return self.to_output_space(self.run_generator(z, cond)), None
 
     @torch.inference_mode()
