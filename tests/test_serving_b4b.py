@@ -169,3 +169,32 @@ def test_config_errors_are_one_line(tmp_path):
         ServeSettings.from_config(dict(cfg, api_keys={}))
     s = ServeSettings.from_config(cfg)
     assert s.max_body_bytes == 64 * 256 * 32 + 4096 and "alice" in s.users.values() and "key-a" not in s.users
+
+
+def test_sigterm_finishes_the_request_in_flight_then_exits(tmp_path):
+    """SIGTERM while a request's body is still arriving: that request is answered and charged,
+    and the server process exits 0 soon after (LitServe alone left threaded uvicorn running)."""
+    import signal
+
+    path, cfg = write_config(tmp_path, body_timeout_s=20)
+    srv = Server(path)
+    try:
+        message = _req("key-a", _body(PIXEL))
+        with socket.create_connection((srv.host, srv.port), timeout=30) as sock:
+            sock.sendall(message[: len(message) - 10])  # head and most of the body
+            time.sleep(0.5)
+            srv.proc.send_signal(signal.SIGTERM)
+            time.sleep(1.0)
+            sock.sendall(message[len(message) - 10:])
+            answer = b""
+            while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+        assert status_of(answer) == 200 and b'"n":1' in answer.replace(b" ", b"")
+        assert srv.proc.wait(30) == 0
+    finally:
+        srv.stop()
+    store = UserStateStore(cfg["state_path"], LSHCoverage(16, 4, 8))
+    assert store.get("alice").n_queries == 1

@@ -32,6 +32,7 @@ import hashlib
 import importlib
 import json
 import math
+import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -399,10 +400,31 @@ OPENAPI_DESCRIPTION = (
     "503 overloaded or state store unavailable, 504 queue timeout. GET /v1/health -> {\"status\": \"ok\"}.")
 
 
+class _LitServer(ls.LitServer):
+    """LitServer whose shutdown also stops HTTP servers run in threads.
+
+    LitServe ends its HTTP servers with ``terminate()``, which a thread does not have: with
+    ``api_server_worker_type="thread"`` a SIGTERM left uvicorn serving and the process never
+    exited. Here each such uvicorn server is told to exit (it stops accepting connections and
+    lets the requests in flight finish, up to ``uvicorn_graceful_timeout``) before LitServe
+    stops the inference workers, so no acknowledged query is lost."""
+
+    def _perform_graceful_shutdown(self, manager, uvicorn_workers, shutdown_reason="normal"):
+        threads = {k: w for k, w in uvicorn_workers.items() if isinstance(w, threading.Thread)}
+        for w in threads.values():
+            uvicorn_server = getattr(getattr(w, "_target", None), "__self__", None)
+            if uvicorn_server is not None:
+                uvicorn_server.should_exit = True
+        for w in threads.values():
+            w.join(self.uvicorn_graceful_timeout + 5)
+        rest = {k: w for k, w in uvicorn_workers.items() if k not in threads}
+        super()._perform_graceful_shutdown(manager, rest, shutdown_reason)
+
+
 def make_server(settings: ServeSettings, defended: bool = True):
     """The LitServer (not started) with the guard, batching and workers of ``settings``."""
     api = B4BLitAPI(settings, defended)
-    server = ls.LitServer(api, accelerator=settings.accelerator, workers_per_device=settings.workers,
+    server = _LitServer(api, accelerator=settings.accelerator, workers_per_device=settings.workers,
                           timeout=settings.request_timeout_s, middlewares=[(Guard, {"settings": settings})],
                           model_metadata={"description": "B4B-defended encoder"})
     server.app.title, server.app.description = "rsgm B4B encoder API", OPENAPI_DESCRIPTION
