@@ -96,9 +96,9 @@ def stats_table(trials: int, loop_trials: int, sizes: list[int], d: int, devices
     print(f"\nResampling statistics: {trials} trials per |P| (|U| = |P|; P from 2000 members, U from 2000 non-members), {d} features, "
           f"torch threads {torch.get_num_threads()}; the sklearn loop (StandardScaler + LogisticRegression per fold model, "
           f"scipy Welch; BLAS 1 thread) timed on {loop_trials} trials and scaled to {trials}")
-    head = "".join(f"{dev + ' s':>10}{'x loop':>8}{'cpu s':>8}{'x loop':>8}" for dev in devices)
-    print("(wall-clock seconds and their ratio; then CPU seconds of the process, all threads, and their ratio)")
-    print(f"{'procedure':<24}{'|P|':>6}{'loop s':>9}{'cpu s':>9}{head}{'max |dp|':>11}{'load':>7}")
+    head = "".join(f"{dev + ' wall':>10}{'x loop':>8}{dev + ' cpu':>9}{'x loop':>8}" for dev in devices)
+    print("(seconds: wall clock and CPU time of the process, all threads; 'x loop' is the loop's over the batched)")
+    print(f"{'procedure':<24}{'|P|':>6}{'loop wall':>10}{'loop cpu':>9}{head}{'max |dp|':>11}{'load':>7}")
     rows = []
     cases = [(proc, n) for proc in procedures for n in sizes] + ([("permutation", n) for n in sizes] if permutation else [])
     for proc, n in cases:
@@ -122,10 +122,10 @@ def stats_table(trials: int, loop_trials: int, sizes: list[int], d: int, devices
             sync(dev)
             res, t, c = _timed(lambda: (S.batched_cdi(mem, non, draw, device=dev, procedure=name), sync(dev))[0])
             fast = res["p"].numpy()
-            cells += f"{t:>10.2f}{t_loop / t:>8.1f}{c:>8.2f}{c_loop / c:>8.1f}"
+            cells += f"{t:>10.2f}{t_loop / t:>8.1f}{c:>9.2f}{c_loop / c:>8.1f}"
             diff = max(diff, float(np.abs(fast[:loop_trials] - exact).max()))
             rows.append((proc, n, t_loop, dev, t, t_loop / t, c_loop / c, diff))
-        print(f"{proc:<24}{n:>6}{t_loop:>9.1f}{c_loop:>9.1f}{cells}{diff:>11.1e}{os.getloadavg()[0]:>7.1f}", flush=True)
+        print(f"{proc:<24}{n:>6}{t_loop:>10.1f}{c_loop:>9.1f}{cells}{diff:>11.1e}{os.getloadavg()[0]:>7.1f}", flush=True)
     return rows
 
 
