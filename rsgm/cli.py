@@ -25,6 +25,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -307,13 +308,21 @@ class RSGMCLI(LightningCLI):
 
 def config_error_summary(message: str) -> str:
     """The line of a (multi-line) jsonargparse error that names the offending key or value."""
-    lines = [line.strip(" -") for line in str(message).splitlines() if line.strip()]
+    text = str(message)
+    lines = [line.strip(" -") for line in text.splitlines() if line.strip()]
+    found = lines[0] if lines else "invalid configuration"
     for marker in ("is not accepted", "Unrecognized arguments", "not expected", "does not exist", "No such file",
                    "Expected a", "is required"):
-        for line in lines:
-            if marker in line and not line.startswith("Expected a <class 'NoneType'>"):
-                return line
-    return lines[0] if lines else "invalid configuration"
+        hits = [line for line in lines if marker in line and not line.startswith("Expected a <class 'NoneType'>")]
+        if hits:
+            found = hits[0]
+            break
+    key, given = re.search(r'(?:Parser key|Key) "([^"]+)"', text), re.search(r"Given value: (.+)", text)
+    if key and key.group(1) not in found:
+        found = f"{key.group(1)}: {found}"
+    if given and "Expected a" in found and given.group(1).strip() not in found:
+        found += f" (given: {given.group(1).strip()})"
+    return found
 
 
 def user_error(err: BaseException) -> str | None:

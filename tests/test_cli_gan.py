@@ -85,6 +85,13 @@ def test_unknown_config_key_is_one_line_error(tmp_path, capsys):
     assert "\n" not in message and "lamda_div" in message and "not accepted" in message
 
 
+def test_wrong_type_names_the_key_and_the_value(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--trainer.max_epochs", "abc", "--logger", "none"])
+    message = str(exit_info.value.code)
+    assert "\n" not in message and "trainer.max_epochs" in message and "int" in message and "abc" in message
+
+
 def test_data_detector_is_set_once_for_the_model_parts(tmp_path):
     # the README's override: the generator, discriminator (and aux regressor) follow data.detector
     main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--data.detector", "proton", "--data.n_synthetic", "200",
