@@ -141,7 +141,7 @@ class ChannelWassersteinCallback(SplitEvaluation):
                 fidelity = {}
             for metric in self.fidelity_metrics.values():
                 metric.reset()
-            pl_module.log_dict(fidelity, prog_bar=False)
+            pl_module.log_dict(fidelity, prog_bar=False, sync_dist=True)  # from gathered states: equal on every rank
             scalars.update(fidelity)
         scalars[f"{split}/quartile_edges"] = [float(e) for e in result["quartile_edges"]]
         return scalars
