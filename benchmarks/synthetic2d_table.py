@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     real = next(iter(results.values()))[0]
     print(f"\nsynthetic 2-D benchmark, {args.epochs} epochs, seeds {args.seeds}"
           + (f", overrides {' '.join(args.rsgm_args)}" if args.rsgm_args else ""))
-    header = f"| model | var. spread=0 | var. spread=1 | W1 spread=0 | W1 spread=1 |"
+    header = "| model | var. spread=0 | var. spread=1 | W1 spread=0 | W1 spread=1 |"
     print(header)
     print("|---|---|---|---|---|")
     print(f"| real data | {real['real_var_spread0']:.2f} | {real['real_var_spread1']:.1f} | – | – |")

@@ -2,7 +2,6 @@
 in photon counts, in the order of the conditions, from one or two (DDP) processes; and
 compiled generation against eager."""
 
-import logging
 import os
 import subprocess
 import sys

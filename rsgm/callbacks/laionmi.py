@@ -93,7 +93,7 @@ class LaionMIReport(Callback):
 
     def _print(self, best_rows, clf_rows) -> None:
         pct = f"{100 * self.fpr:g}%"
-        print(f"\nLAION-mi threshold attacks (mean +- std over subsets; best step per method and signal)")
+        print("\nLAION-mi threshold attacks (mean +- std over subsets; best step per method and signal)")
         print(f"{'target':<12}{'method':<38}{'signal':<14}{'step':<7}{'TPR@' + pct + 'FPR':>16}{'AUC':>16}")
         for r in best_rows:
             print(f"{r['target']:<12}{r['method']:<38}{r['signal']:<14}{r['step']:<7}"
