@@ -442,7 +442,10 @@ class Procedure:
 
     ``folds``: number of folds per set; ``train[j]``: folds that fit model j; ``score[f]``:
     model that scores fold f (-1: fold only used for fitting). ``per_fold_welch``: the
-    fold-stratified Welch test of :func:`_statistic` instead of one Welch test on all scored rows."""
+    fold-stratified Welch test of :func:`_statistic` instead of one Welch test on all scored rows.
+    ``fold_permutations`` > 0 (with ``per_fold_welch``): instead of Welch's t distribution, each
+    scored fold's p-value comes from that many relabelings of its held-out scores
+    (:func:`fold_permutation_statistic`), combined over folds by Stouffer's method."""
 
     name: str
     folds: int
@@ -450,6 +453,7 @@ class Procedure:
     score: tuple[int, ...]
     per_fold_welch: bool = False
     description: str = ""
+    fold_permutations: int = 0
 
     @property
     def min_set_size(self) -> int:
@@ -478,8 +482,8 @@ def _crossfit_stratified(k: int) -> Procedure:
                      description=f"{k}-fold cross-fitting, fold-stratified Welch test")
 
 
-PROCEDURES = ("split", "crossfit", "sequential", "sequential_stratified", "crossfit_stratified")
-DEFAULT_PROCEDURE = "sequential_stratified"
+PROCEDURES = ("split", "crossfit", "sequential", "sequential_stratified", "crossfit_stratified", "sequential_permutation")
+DEFAULT_PROCEDURE = "sequential_permutation"
 
 
 def _sequential_stratified(k: int) -> Procedure:
@@ -488,8 +492,15 @@ def _sequential_stratified(k: int) -> Procedure:
                      description=f"forward-chained {k} folds (fold f scored by a model fitted on folds < f), fold-stratified Welch test")
 
 
+def _sequential_permutation(k: int, permutations: int = 999) -> Procedure:
+    seq = _sequential(k)
+    return Procedure("sequential_permutation", k, seq.train, seq.score, per_fold_welch=True, fold_permutations=permutations,
+                     description=f"forward-chained {k} folds (fold f scored by a model fitted on folds < f), per-fold permutation "
+                                 f"p-values of the held-out scores ({permutations} relabelings, no refit), combined by Stouffer")
+
+
 def make_procedure(name: str, k: int = 5) -> Procedure:
-    table = {"crossfit": lambda: _crossfit(k), "split": _split, "sequential": lambda: _sequential(k),
+    table = {"sequential_permutation": lambda: _sequential_permutation(k), "crossfit": lambda: _crossfit(k), "split": _split, "sequential": lambda: _sequential(k),
              "crossfit_stratified": lambda: _crossfit_stratified(k), "sequential_stratified": lambda: _sequential_stratified(k)}
     if name not in table:
         raise RSGMError(f"unknown CDI procedure '{name}'; choose one of {sorted(table)}.")
@@ -611,7 +622,39 @@ def t_sf(t: Tensor, df: Tensor) -> Tensor:
     return torch.from_numpy(np.asarray(sps.t.sf(t.double().cpu().numpy(), df.double().cpu().numpy()), dtype=np.float64))
 
 
-def _statistic(scores: Tensor, fold: Tensor, n_p: int, proc: Procedure) -> tuple[Tensor, Tensor]:
+def fold_relabelings(n_a: int, n_b: int, permutations: int, generator: torch.Generator) -> Tensor:
+    """(n_a + n_b, permutations) float64 0/1 matrix: column b marks the n_a positions that the
+    uniformly random relabeling b of a fold's n_a + n_b scores calls P."""
+    return (torch.rand(permutations, n_a + n_b, generator=generator).argsort(-1) < n_a).T.double()
+
+
+def fold_permutation_pvalue(a: Tensor, b: Tensor, relabel: Tensor, u: Tensor, shuffle: Tensor) -> Tensor:
+    """Randomised permutation p-value of one fold's held-out scores, batched over trials.
+
+    a: (T, n_a) scores of P, b: (T, n_b) of U, relabel: (n_a + n_b, B) from
+    :func:`fold_relabelings`, u: (T,) uniforms in (0, 1), shuffle: (T, n_a + n_b) one random
+    permutation of the positions per trial. The statistic is S = sum of the scores labelled P
+    (for fixed pooled scores a monotone function of the mean difference);
+    p = (#{S_b > S} + u (1 + #{S_b = S})) / (1 + B). When the observed labelling and the B
+    relabelings are exchangeable (the fold's rows are i.i.d. given the model that scores them)
+    this p is exactly uniform on (0, 1), for any B and any score distribution; ties (small
+    folds, constant scores) are split by u. The relabelings are shared by the trials and
+    ``shuffle`` places each trial's scores on them at random: without it the observed labelling
+    (P first) would sit at the same place relative to the shared relabelings in every trial,
+    and in a small fold (2 + 2 rows: 6 labellings) how often the relabelings happen to repeat
+    it would shift every trial's p the same way. One GEMM (T, n) x (n, B) per fold."""
+    s = torch.cat([a, b], 1)
+    s = s - s.mean(1, keepdim=True)
+    obs = s[:, : a.shape[1]].sum(1, keepdim=True)
+    s = s.gather(1, shuffle)
+    diff = s @ relabel - obs
+    tol = 1e-9 * s.abs().sum(1, keepdim=True)  # equal subsets summed in another order: a tie
+    above = (diff > tol).sum(1)
+    tied = (diff.abs() <= tol).sum(1)
+    return (above + u * (1 + tied)) / (1 + relabel.shape[1])
+
+
+def _statistic(scores: Tensor, fold: Tensor, n_p: int, proc: Procedure, perm: tuple | None = None) -> tuple[Tensor, Tensor]:
     """(t, p) per trial: one Welch test over all scored rows, or (``per_fold_welch``) the
     fold-stratified Welch test: each scored fold's mean difference in units of that fold's
     score scale, D_f = (mean_P,f - mean_U,f) / s_f, summed, over the square root of the
@@ -623,6 +666,15 @@ def _statistic(scores: Tensor, fold: Tensor, n_p: int, proc: Procedure) -> tuple
         t, df = _masked_welch(sP, sU)
         return t, t_sf(t, df)
     fp, fu = fold[:, :n_p], fold[:, n_p:]
+    if proc.fold_permutations:  # Stouffer: z = sum_f Phi^-1(1 - p_f) / sqrt(#folds), exactly N(0, 1) under H0
+        relabel, u, shuffle = perm
+        z = torch.zeros(len(scores), dtype=torch.float64)
+        scored = [f for f in range(proc.folds) if proc.score[f] >= 0]
+        for f in scored:
+            pf = fold_permutation_pvalue(sP[fp == f].view(len(sP), -1), sU[fu == f].view(len(sU), -1), relabel[f], u[:, f], shuffle[f])
+            z -= torch.special.ndtri(pf.clamp_min(1e-300))
+        z /= math.sqrt(len(scored))
+        return z, torch.special.ndtr(-z)
     num = torch.zeros(len(scores), dtype=torch.float64)
     var = torch.zeros_like(num)
     dfden = torch.zeros_like(num)
@@ -643,7 +695,7 @@ def _statistic(scores: Tensor, fold: Tensor, n_p: int, proc: Procedure) -> tuple
 
 def batched_cdi(members: Tensor, nonmembers: Tensor, draw: TrialDraw, k: int = 5, C: float = 1.0,
                 max_elements: int = 20_000_000, progress: bool = False, device: str | torch.device = "cpu",
-                procedure: str | Procedure = "crossfit", solver: str = "auto") -> dict[str, Tensor]:
+                procedure: str | Procedure = "crossfit", solver: str = "auto", seed: int = 0) -> dict[str, Tensor]:
     """CDI p-values for every trial in ``draw`` (§5.2 steps 2-4), solved in batches
     (on ``device``: a GPU solves the logistic regressions much faster than the CPU).
 
@@ -657,6 +709,9 @@ def batched_cdi(members: Tensor, nonmembers: Tensor, draw: TrialDraw, k: int = 5
     pool when a trial uses at least ``POOL_ABOVE`` of the rows (large |P|, permutations,
     null checks on a small reference set), else gather. All solve the same problems to the
     same optimum (``benchmarks/cdi_speed.py`` times them).
+
+    ``seed`` draws the relabelings (and tie-breaking uniforms) of a procedure with
+    ``fold_permutations``: the same seed gives the same p-values.
     """
     proc = procedure if isinstance(procedure, Procedure) else make_procedure(procedure, k)
     F = torch.cat([torch.as_tensor(members), torch.as_tensor(nonmembers)]).double().to(device)
@@ -677,19 +732,33 @@ def batched_cdi(members: Tensor, nonmembers: Tensor, draw: TrialDraw, k: int = 5
     per_trial = {"pool": 8 * m * pool_rows, "local": n * ((d + 1) * (d + 2) // 2 + 8 * m), "gather": 5 * n * (m + 1) * (d + 1)}[solver]
     chunk = max(1, max_elements // per_trial)
     fit_and_score = {"pool": _fit_and_score_pool, "local": partial(_fit_and_score_pool, local=True), "gather": _fit_and_score}[solver]
+    perm = _relabelings(draw, proc, seed) if proc.fold_permutations else None
     out = {"p": [], "t": [], "cohen_d": [], "sP": [], "sU": []}
     for s in tqdm(range(0, T, chunk), disable=not progress, desc="CDI trials", leave=False):
         sub = draw[s : s + chunk]
         sub = TrialDraw(*(v.to(device) for v in (sub.idx_p, sub.idx_u, sub.fold_p, sub.fold_u)))
         scores, fold = fit_and_score(F, sub, proc, C)
         scores, fold = scores.cpu(), fold.cpu()
-        t, p = _statistic(scores, fold, n_p, proc)
+        t, p = _statistic(scores, fold, n_p, proc, perm and (perm[0], perm[1][s : s + chunk], {f: v[s : s + chunk] for f, v in perm[2].items()}))
         sP, sU = scores[:, :n_p], scores[:, n_p:]
         a = sP[~torch.isnan(sP)].view(len(sP), -1)
         b = sU[~torch.isnan(sU)].view(len(sU), -1)
         for key, val in zip(out, (p, t.cpu(), cohen_d(a, b), sP, sU)):
             out[key].append(val)
     return {key: torch.cat(val) for key, val in out.items()}
+
+
+def _relabelings(draw: TrialDraw, proc: Procedure, seed: int) -> tuple[dict[int, Tensor], Tensor, dict[int, Tensor]]:
+    """The relabeling matrix of every scored fold (shared by the trials), one tie-breaking
+    uniform per trial and fold, and one random order of each fold's positions per trial, from
+    ``seed`` (a stream of its own: the trials' draws use ``seed`` itself, and the relabelings
+    must not depend on them)."""
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 0x5EED]).generate_state(1)[0]))
+    sizes = {f: (int((draw.fold_p[0] == f).sum()), int((draw.fold_u[0] == f).sum())) for f in range(proc.folds) if proc.score[f] >= 0}
+    relabel = {f: fold_relabelings(na, nb, proc.fold_permutations, g) for f, (na, nb) in sizes.items()}
+    u = torch.rand(len(draw), proc.folds, generator=g, dtype=torch.float64)
+    shuffle = {f: torch.rand(len(draw), na + nb, generator=g).argsort(-1) for f, (na, nb) in sizes.items()}
+    return relabel, u, shuffle
 
 
 def loop_cdi(members, nonmembers, draw: TrialDraw, k: int = 5, C: float = 1.0, tol: float = 1e-4,
@@ -739,7 +808,7 @@ def permutation_test(FP: Tensor, FU: Tensor, permutations: int = 1000, procedure
     proc = procedure if isinstance(procedure, Procedure) else make_procedure(procedure, k)
     FP, FU = torch.as_tensor(FP).double(), torch.as_tensor(FU).double()
     draw = permutation_draw(len(FP), len(FU), permutations, proc.folds, seed)
-    res = batched_cdi(torch.cat([FP, FU]), FP[:0], draw, proc.folds, C, progress=progress, device=device, procedure=proc)
+    res = batched_cdi(torch.cat([FP, FU]), FP[:0], draw, proc.folds, C, progress=progress, device=device, procedure=proc, seed=seed)
     t = res["t"]
     exceed = int((t[1:] >= t[0]).sum())
     return {"p": (1 + exceed) / (1 + permutations), "t": float(t[0]), "p_parametric": float(res["p"][0]), "permutations": permutations}
@@ -767,7 +836,7 @@ def audit_test(FP: Tensor, FU: Tensor, procedure: str = DEFAULT_PROCEDURE, k: in
     g = torch.Generator().manual_seed(seed)
     draw = TrialDraw(torch.arange(len(FP)).unsqueeze(0), (len(FP) + torch.arange(len(FU))).unsqueeze(0),
                      (torch.randperm(len(FP), generator=g) % proc.folds).unsqueeze(0), (torch.randperm(len(FU), generator=g) % proc.folds).unsqueeze(0))
-    res = batched_cdi(torch.cat([FP, FU]), FP[:0], draw, k, C, device=device, procedure=proc)
+    res = batched_cdi(torch.cat([FP, FU]), FP[:0], draw, k, C, device=device, procedure=proc, seed=seed)
     out = {"procedure": proc.name, "p": float(res["p"][0]), "t": float(res["t"][0])}
     if permutations:
         out["p_permutation"] = permutation_test(FP, FU, permutations, proc, k, C, seed + 1, device)["p"]
@@ -823,7 +892,7 @@ def pvalue_curve(members: Tensor, nonmembers: Tensor, sizes: list[int], trials: 
         if n_p - n_bad > len(members) or n_u + n_bad > len(nonmembers) or min(n_p, n_u) < proc.min_set_size:
             continue
         draw = draw_trials(len(members), len(nonmembers), n_p, n_u, trials, proc.folds, contamination, seed + n_p)
-        res = batched_cdi(members, nonmembers, draw, k, C, device=device, procedure=proc)
+        res = batched_cdi(members, nonmembers, draw, k, C, device=device, procedure=proc, seed=seed + n_p)
         n_sp, n_su = _scored_sizes(res)
         power = ttest_power(res["cohen_d"], n_sp, n_su, alpha)
         rows.append({"n_p": n_p, "n_u": n_u, "contamination": contamination, **summarize_pvalues(res["p"]),
@@ -869,7 +938,7 @@ def null_experiment(nonmembers: Tensor, n_p: int, trials: int = 1000, k: int = 5
         raise RSGMError(f"the null check of procedure '{proc.name}' needs at least {2 * proc.min_set_size} reference samples "
                         f"(|P'| and |U'| >= {proc.min_set_size}); got |P'| = {n_p}, |U'| = {n_u}: add reference samples.")
     draw = draw_trials(0, len(nonmembers), n_p, n_u, trials, proc.folds, contamination=1.0, seed=seed)
-    res = batched_cdi(empty, nonmembers, draw, k, C, device=device, procedure=proc, progress=progress)
+    res = batched_cdi(empty, nonmembers, draw, k, C, device=device, procedure=proc, progress=progress, seed=seed)
     return {"n_p": n_p, "n_u": n_u, "trials": trials, **summarize_pvalues(res["p"]),
             "false_positive_rate": float((res["p"] < alpha).double().mean()), "p_values": res["p"]}
 
