@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 
 import numpy as np
 import torch
@@ -622,36 +622,45 @@ def t_sf(t: Tensor, df: Tensor) -> Tensor:
     return torch.from_numpy(np.asarray(sps.t.sf(t.double().cpu().numpy(), df.double().cpu().numpy()), dtype=np.float64))
 
 
-def fold_relabelings(n_a: int, n_b: int, permutations: int, generator: torch.Generator) -> Tensor:
-    """(n_a + n_b, permutations) float64 0/1 matrix: column b marks the n_a positions that the
-    uniformly random relabeling b of a fold's n_a + n_b scores calls P."""
-    return (torch.rand(permutations, n_a + n_b, generator=generator).argsort(-1) < n_a).T.double()
+@lru_cache(maxsize=64)
+def fold_relabelings(n_a: int, n_b: int, permutations: int, seed: int) -> tuple[Tensor, Tensor]:
+    """``permutations + 1`` uniformly random labellings of a fold's n_a + n_b positions (n_a
+    called P), from ``seed``: ``(E, place)`` with E (n_a + n_b, permutations + 1) float64 0/1,
+    column c marking the P positions of labelling c, and place (permutations + 1, n_a + n_b)
+    long, the P positions of labelling c first, then its U positions. Cached: every trial and
+    every chunk of trials uses the same matrix."""
+    g = torch.Generator().manual_seed(seed)
+    place = torch.rand(permutations + 1, n_a + n_b, generator=g).argsort(-1)
+    E = torch.zeros(n_a + n_b, permutations + 1, dtype=torch.float64)
+    E.T.scatter_(1, place[:, :n_a], 1.0)
+    return E, place
 
 
-def fold_permutation_pvalue(a: Tensor, b: Tensor, relabel: Tensor, u: Tensor, shuffle: Tensor) -> Tensor:
+def fold_permutation_pvalue(a: Tensor, b: Tensor, E: Tensor, place: Tensor, c: Tensor, u: Tensor) -> Tensor:
     """Randomised permutation p-value of one fold's held-out scores, batched over trials.
 
-    a: (T, n_a) scores of P, b: (T, n_b) of U, relabel: (n_a + n_b, B) from
-    :func:`fold_relabelings`, u: (T,) uniforms in (0, 1), shuffle: (T, n_a + n_b) one random
-    permutation of the positions per trial. The statistic is S = sum of the scores labelled P
-    (for fixed pooled scores a monotone function of the mean difference);
-    p = (#{S_b > S} + u (1 + #{S_b = S})) / (1 + B). When the observed labelling and the B
-    relabelings are exchangeable (the fold's rows are i.i.d. given the model that scores them)
-    this p is exactly uniform on (0, 1), for any B and any score distribution; ties (small
-    folds, constant scores) are split by u. The relabelings are shared by the trials and
-    ``shuffle`` places each trial's scores on them at random: without it the observed labelling
-    (P first) would sit at the same place relative to the shared relabelings in every trial,
-    and in a small fold (2 + 2 rows: 6 labellings) how often the relabelings happen to repeat
-    it would shift every trial's p the same way. One GEMM (T, n) x (n, B) per fold."""
+    a: (T, n_a) scores of P, b: (T, n_b) of U; E, place: from :func:`fold_relabelings`
+    (B + 1 labellings); c: (T,) long, u: (T,) uniforms in (0, 1). Each trial lays its scores out
+    on labelling c (its P scores on c's P positions), so the observed labelling is labelling c
+    and the other B labellings are the relabelings. The statistic is S = sum of the scores
+    labelled P (for fixed pooled scores a monotone function of the mean difference);
+    p = (#{S_b > S_c} + u (1 + #{b != c: S_b = S_c})) / (1 + B). With c uniform, the observed
+    and the B relabelings are B + 1 exchangeable labellings whenever the fold's rows are
+    exchangeable given the model that scores them (H0), so p is exactly uniform on (0, 1) for any
+    B and any score distribution; ties (small folds, constant scores) are split by u. (Placing
+    the scores on a random labelling matters: the labellings are shared by the trials, and
+    with P always on the same positions how often the shared relabelings happen to repeat the
+    observed one, in a small fold, would shift every trial's p the same way.)
+    One GEMM (T, n) x (n, B + 1) per fold."""
     s = torch.cat([a, b], 1)
     s = s - s.mean(1, keepdim=True)
-    obs = s[:, : a.shape[1]].sum(1, keepdim=True)
-    s = s.gather(1, shuffle)
-    diff = s @ relabel - obs
+    v = torch.empty_like(s).scatter_(1, place[c], s)
+    S = v @ E
+    diff = S - S.gather(1, c.unsqueeze(1))
     tol = 1e-9 * s.abs().sum(1, keepdim=True)  # equal subsets summed in another order: a tie
     above = (diff > tol).sum(1)
-    tied = (diff.abs() <= tol).sum(1)
-    return (above + u * (1 + tied)) / (1 + relabel.shape[1])
+    tied = (diff.abs() <= tol).sum(1) - 1  # not the observed itself
+    return (above + u * (1 + tied)) / E.shape[1]
 
 
 def _statistic(scores: Tensor, fold: Tensor, n_p: int, proc: Procedure, perm: tuple | None = None) -> tuple[Tensor, Tensor]:
@@ -667,11 +676,11 @@ def _statistic(scores: Tensor, fold: Tensor, n_p: int, proc: Procedure, perm: tu
         return t, t_sf(t, df)
     fp, fu = fold[:, :n_p], fold[:, n_p:]
     if proc.fold_permutations:  # Stouffer: z = sum_f Phi^-1(1 - p_f) / sqrt(#folds), exactly N(0, 1) under H0
-        relabel, u, shuffle = perm
+        relabel, c, u = perm
         z = torch.zeros(len(scores), dtype=torch.float64)
         scored = [f for f in range(proc.folds) if proc.score[f] >= 0]
         for f in scored:
-            pf = fold_permutation_pvalue(sP[fp == f].view(len(sP), -1), sU[fu == f].view(len(sU), -1), relabel[f], u[:, f], shuffle[f])
+            pf = fold_permutation_pvalue(sP[fp == f].view(len(sP), -1), sU[fu == f].view(len(sU), -1), *relabel[f], c[:, f], u[:, f])
             z -= torch.special.ndtri(pf.clamp_min(1e-300))
         z /= math.sqrt(len(scored))
         return z, torch.special.ndtr(-z)
@@ -739,7 +748,7 @@ def batched_cdi(members: Tensor, nonmembers: Tensor, draw: TrialDraw, k: int = 5
         sub = TrialDraw(*(v.to(device) for v in (sub.idx_p, sub.idx_u, sub.fold_p, sub.fold_u)))
         scores, fold = fit_and_score(F, sub, proc, C)
         scores, fold = scores.cpu(), fold.cpu()
-        t, p = _statistic(scores, fold, n_p, proc, perm and (perm[0], perm[1][s : s + chunk], {f: v[s : s + chunk] for f, v in perm[2].items()}))
+        t, p = _statistic(scores, fold, n_p, proc, perm and (perm[0], perm[1][s : s + chunk], perm[2][s : s + chunk]))
         sP, sU = scores[:, :n_p], scores[:, n_p:]
         a = sP[~torch.isnan(sP)].view(len(sP), -1)
         b = sU[~torch.isnan(sU)].view(len(sU), -1)
@@ -748,24 +757,30 @@ def batched_cdi(members: Tensor, nonmembers: Tensor, draw: TrialDraw, k: int = 5
     return {key: torch.cat(val) for key, val in out.items()}
 
 
-def _relabelings(draw: TrialDraw, proc: Procedure, seed: int) -> tuple[dict[int, Tensor], Tensor, dict[int, Tensor]]:
-    """The relabeling matrix of every scored fold (shared by the trials), one tie-breaking
-    uniform per trial and fold, and one random order of each fold's positions per trial, from
-    ``seed`` (a stream of its own: the trials' draws use ``seed`` itself, and the relabelings
-    must not depend on them)."""
-    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 0x5EED]).generate_state(1)[0]))
-    sizes = {f: (int((draw.fold_p[0] == f).sum()), int((draw.fold_u[0] == f).sum())) for f in range(proc.folds) if proc.score[f] >= 0}
-    relabel = {f: fold_relabelings(na, nb, proc.fold_permutations, g) for f, (na, nb) in sizes.items()}
+def _relabelings(draw: TrialDraw, proc: Procedure, seed: int) -> tuple[dict[int, tuple[Tensor, Tensor]], Tensor, Tensor]:
+    """For a procedure with ``fold_permutations``: the labellings of every scored fold (shared
+    by the trials; each fold its own), and per trial and fold the labelling its scores are laid
+    out on and a tie-breaking uniform, all from ``seed`` (streams of their own: the trials'
+    draws use ``seed`` itself, and the relabelings must not depend on them)."""
+    B = proc.fold_permutations
+    stream = np.random.SeedSequence([seed, 0x5EED]).generate_state(proc.folds + 1)
+    relabel = {f: fold_relabelings(int((draw.fold_p[0] == f).sum()), int((draw.fold_u[0] == f).sum()), B, int(stream[f]))
+               for f in range(proc.folds) if proc.score[f] >= 0}
+    g = torch.Generator().manual_seed(int(stream[-1]))
+    c = torch.randint(0, B + 1, (len(draw), proc.folds), generator=g)
     u = torch.rand(len(draw), proc.folds, generator=g, dtype=torch.float64)
-    shuffle = {f: torch.rand(len(draw), na + nb, generator=g).argsort(-1) for f, (na, nb) in sizes.items()}
-    return relabel, u, shuffle
+    return relabel, c, u
 
 
 def loop_cdi(members, nonmembers, draw: TrialDraw, k: int = 5, C: float = 1.0, tol: float = 1e-4,
-             procedure: str | Procedure = "crossfit") -> np.ndarray:
-    """The straightforward reference: one sklearn pipeline per trial and model, scipy Welch test."""
+             procedure: str | Procedure = "crossfit", seed: int = 0) -> np.ndarray:
+    """The straightforward reference: one sklearn pipeline per trial and model, scipy Welch test
+    (or, with ``fold_permutations``, per fold the scores on each relabeling drawn from ``seed``,
+    written out with numpy)."""
     proc = procedure if isinstance(procedure, Procedure) else make_procedure(procedure, k)
     F = np.concatenate([np.asarray(members), np.asarray(nonmembers)]).astype(np.float64)
+    if proc.fold_permutations:
+        relabel, lay, unif = _relabelings(draw, proc, seed)
     ps = []
     for i in range(draw.idx_p.shape[0]):
         FP, FU = F[draw.idx_p[i].numpy()], F[draw.idx_u[i].numpy()]
@@ -778,7 +793,21 @@ def loop_cdi(members, nonmembers, draw: TrialDraw, k: int = 5, C: float = 1.0, t
             y = np.r_[np.ones(trp.sum()), np.zeros(tru.sum())]
             scores = sklearn_fit_score(X, y, np.concatenate([FP[tep], FU[teu]]), C=C, tol=tol)
             sP[tep], sU[teu] = scores[: tep.sum()], scores[tep.sum():]
-        if proc.per_fold_welch:  # fold-stratified Welch, written out per fold with numpy
+        if proc.fold_permutations:  # per fold: rank of the observed sum of P scores among the relabelings
+            zs = []
+            for f, (E, place) in relabel.items():
+                a, b = sP[fp == f], sU[fu == f]
+                pooled = np.r_[a, b] - np.r_[a, b].mean()
+                c = int(lay[i, f])
+                v = np.empty_like(pooled)
+                v[place[c].numpy()] = pooled  # the trial's P scores on labelling c's P positions
+                sums = np.array([v[E[:, j].numpy() > 0].sum() for j in range(E.shape[1])])
+                eps = 1e-9 * np.abs(pooled).sum()
+                above = int((sums - sums[c] > eps).sum())
+                tied = int((np.abs(sums - sums[c]) <= eps).sum()) - 1
+                zs.append(sps.norm.isf((above + float(unif[i, f]) * (1 + tied)) / E.shape[1]))
+            ps.append(sps.norm.sf(np.sum(zs) / np.sqrt(len(zs))))
+        elif proc.per_fold_welch:  # fold-stratified Welch, written out per fold with numpy
             num = var = dfden = 0.0
             for f in range(proc.folds):
                 if proc.score[f] < 0:
