@@ -133,6 +133,10 @@ def batched_logistic_regression(X: Tensor, y: Tensor, w: Tensor, C: float = 1.0,
     return beta[:, 0], b0[:, 0], mu[:, 0] + shift[:, 0], sc[:, 0]
 
 
+SOLVERS = ("auto", "trial", "gather", "pool", "local")
+COARSE_TRIAL = 1e-4  # _trial_lr: float32 products until the MM steps are below this, then float64
+TRIAL_ROWS_PER_COEF = 2.5  # batched_cdi, auto: the trial solver when the smallest model has this many rows per coefficient
+TRIAL_CHUNK_ELEMENTS = 800_000  # batched_cdi, trial solver: float64 elements of the rows of one chunk of trials (6.4 MB)
 REFRESH_ABOVE = 1e-3  # a model's Hessian is rebuilt while its largest step exceeds this
 POOL_ABOVE = 0.15  # batched_cdi: the pool solver when a trial uses at least this fraction of the pool's rows
 COARSE_TOL = 1e-4  # pool solver: float32 Newton steps until the steps are below this, then float64
@@ -412,6 +416,137 @@ def _pool_newton(Xa: Tensor, Wt: Tensor, fit: dict, state: dict, curvature, C: f
         state["beta"][idx], state["b0"][idx], state["last"][idx] = be.double(), bb.double(), last
         return
     raise RuntimeError(f"{int(idx.numel())} groups of logistic regressions did not converge in {max_iter} iterations.")
+
+
+ANDERSON_MEMORY = 2  # _trial_lr: Anderson acceleration over the last this many MM steps
+
+
+def _trial_lr(Xa: Tensor, y: Tensor, starts: list[int], train: Tensor, C: float, max_iter: int = 200, tol: float = 1e-9,
+              trace: list | None = None):
+    """StandardScaler + L2 logistic regressions, m per trial, each on a union of fold blocks of
+    that trial's own rows: Böhning's majorise-minimise iteration accelerated by Anderson mixing.
+
+    Xa: (T, N, d+1) the trials' rows sorted by fold (fold f at rows starts[f]:starts[f+1] in every
+    trial), centred per trial, with a ones column last; y: (T, N) labels; train: (m, k) 0/1,
+    model j fits the folds with train[j, f] = 1. Minimises sklearn's objective
+    0.5 ||beta||^2 + C sum_i softplus(-(2 y_i - 1) z_i) on the standardised rows.
+
+    The curvature of the logistic loss is at most 1/4, so B = C Z'Z / 4 + I (Z: standardised
+    rows and ones) bounds every Hessian: the step -B^-1 grad never increases the objective
+    (Böhning and Lindsay 1988). B needs no fitted value: it comes from one Gram matrix per fold
+    block (Z'Z of a model is a sum of its folds' blocks, standardised through the moments), so
+    it is built once with a few GEMMs and factored once. Plain MM contracts linearly (about
+    0.3 per step here); Anderson acceleration (type II, over the last ``ANDERSON_MEMORY``
+    steps; a model whose MM step grew forgets its memory) reaches ``tol`` in about 9 steps,
+    each costing two (T, m, N) x (N, d+1) products and no Hessian. The fixed point is where
+    the exact float64 gradient vanishes, i.e. the sklearn optimum. Returns (beta, b0, mu, sc)
+    (T, m, ...) and a (T,) mask of the trials that converged within ``max_iter``.
+    """
+    T, N, D = Xa.shape
+    d, m, k = D - 1, train.shape[0], train.shape[1]
+    dt, dev = torch.float64, Xa.device
+    G = torch.stack([torch.bmm(Xa[:, a:b].transpose(1, 2), Xa[:, a:b]) for a, b in zip(starts[:-1], starts[1:])], 1)  # (T, k, D, D)
+    M = torch.einsum("mk,tkab->tmab", train.to(dt), G)  # raw moments of every model's rows
+    m0, m1 = M[..., d, d], M[..., :d, d]
+    mu = m1 / m0.unsqueeze(-1)
+    ex2 = torch.diagonal(M[..., :d, :d], dim1=-2, dim2=-1) / m0.unsqueeze(-1)
+    var = (ex2 - mu**2).clamp_min(0)
+    sc = torch.where(var > 1e-12 * ex2, var.sqrt(), torch.ones_like(var))  # constant column: scale 1, as StandardScaler
+    reg = torch.eye(D, dtype=dt, device=dev)
+    reg[-1, -1] = 0.0  # the intercept is not penalised
+    LB = _hessian_cholesky(0.25 * M[..., :d, :d], 0.25 * m1, 0.25 * m0, mu, sc, C, reg)
+    nBinv = -torch.cholesky_inverse(LB)  # applied as a product: cheaper than a batch of tiny triangular solves
+    w = train.to(dt).repeat_interleave(torch.tensor([b - a for a, b in zip(starts[:-1], starts[1:])], device=dev), 1)  # (m, N)
+    XT = Xa.transpose(1, 2).contiguous()  # (T, D, N): logits as (m, D) x (D, N) products
+    y = y.unsqueeze(1)
+    lo = (XT.float(), y.float(), w.float()) if COARSE_TRIAL > tol else None
+    x = torch.zeros(T, m, D, dtype=dt, device=dev)  # standardised coefficients, intercept last
+    coef, grad = torch.empty_like(x), torch.empty_like(x)
+    dXs, dFs, xp, fp, prev = [], [], None, None, None
+    for _ in range(max_iter):
+        torch.div(x[..., :d], sc, out=coef[..., :d])  # raw coefficients: z = x . coef
+        coef[..., d] = x[..., d] - (mu * coef[..., :d]).sum(-1)
+        XT_, y_, w_ = (XT, y, w) if lo is None else lo  # float32 products while the steps are large
+        r = torch.bmm(coef.to(XT_.dtype), XT_).sigmoid_().sub_(y_).mul_(w_)
+        ga = torch.bmm(XT_, r.transpose(1, 2)).transpose(1, 2).double()
+        torch.addcmul(x[..., :d], ga[..., :d] - ga[..., d:] * mu, 1 / sc, value=C, out=grad[..., :d])
+        grad[..., d] = C * ga[..., d]
+        f = (nBinv * grad.unsqueeze(-2)).sum(-1)  # the MM step (tiny products: elementwise beats batched matmul)
+        size = f.abs().amax(-1)  # (T, m)
+        big = float(size.max())
+        if trace is not None:
+            trace.append(big)
+        if big < tol and lo is None:
+            return x[..., :d], x[..., d], mu, sc, torch.ones(T, dtype=torch.bool, device=dev)
+        if big < COARSE_TRIAL:
+            lo = None
+        if xp is not None:
+            dXs.append(x - xp)
+            dFs.append(f - fp)
+            del dXs[:-ANDERSON_MEMORY], dFs[:-ANDERSON_MEMORY]
+            grew = size > prev
+            if bool(grew.any()):  # a model's MM step grew: forget its memory (its next step is plain MM)
+                keep = (~grew).to(dt).unsqueeze(-1)
+                dXs, dFs = [v * keep for v in dXs], [v * keep for v in dFs]
+        prev, xp, fp = size, x, f
+        if not dXs:
+            x = x + f
+            continue
+        dF, dX = torch.stack(dFs, -1), torch.stack(dXs, -1)  # (T, m, D, h)
+        A = (dF.unsqueeze(-1) * dF.unsqueeze(-2)).sum(-3)  # (T, m, h, h)
+        b = (dF * f.unsqueeze(-1)).sum(-2)
+        A.diagonal(dim1=-2, dim2=-1).add_(1e-12 * A.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True) + 1e-100)  # a forgotten memory: g = 0
+        gam = _small_solve(A, b)  # least-squares mixing weights
+        x = torch.where((size < tol).unsqueeze(-1), x, x + f - ((dX + dF) * gam.unsqueeze(-2)).sum(-1))
+    return x[..., :d], x[..., d], mu, sc, (size < tol).all(-1)
+
+
+def _small_solve(A: Tensor, b: Tensor) -> Tensor:
+    """Solve A g = b for a batch of 1x1 or 2x2 systems elementwise (a batch of tiny LAPACK
+    calls costs more than the arithmetic), larger ones with torch.linalg.solve."""
+    h = A.shape[-1]
+    if h == 1:
+        return b / A[..., 0]
+    if h == 2:
+        a, c, e = A[..., 0, 0], A[..., 0, 1], A[..., 1, 1]
+        det = a * e - c * c
+        return torch.stack([e * b[..., 0] - c * b[..., 1], a * b[..., 1] - c * b[..., 0]], -1) / det.unsqueeze(-1)
+    return torch.linalg.solve(A, b)
+
+
+def _fit_and_score_trial(F: Tensor, draw: TrialDraw, proc: Procedure, C: float) -> tuple[Tensor, Tensor]:
+    """As :func:`_fit_and_score`, with each trial's rows sorted by fold (balanced folds: the same
+    block boundaries in every trial, no padding) and the solver :func:`_trial_lr`; trials it
+    leaves unconverged are solved again with :func:`_fit_and_score_pool`."""
+    T, n_p = draw.idx_p.shape
+    dev = F.device
+    idx = torch.cat([draw.idx_p, draw.idx_u], 1)
+    fold = torch.cat([draw.fold_p, draw.fold_u], 1)
+    n, k = idx.shape[1], proc.folds
+    order = torch.argsort(fold * n + torch.arange(n, device=dev), dim=1)
+    counts = torch.nn.functional.one_hot(fold, k).sum(1)
+    if bool((counts != counts[:1]).any()):
+        return _fit_and_score(F, draw, proc, C)
+    starts = [0, *torch.cumsum(counts[0], 0).tolist()]
+    last = max(f for fs in proc.train for f in fs) + 1  # rows past the last fitted fold are only scored
+    X = F[idx.gather(1, order)]
+    X = X - X.mean(1, keepdim=True)  # centring per trial: exact one-pass moments, same fits
+    Xa = torch.cat([X, torch.ones(*X.shape[:2], 1, dtype=X.dtype, device=dev)], -1)
+    train = torch.zeros(len(proc.train), k, dtype=torch.float64, device=dev)
+    for j, fs in enumerate(proc.train):
+        train[j, list(fs)] = 1.0
+    y = (order < n_p).double()
+    beta, b0, mu, sc, ok = _trial_lr(Xa[:, : starts[last]], y[:, : starts[last]], starts[: last + 1], train[:, :last], C)
+    v = beta / sc
+    z = torch.baddbmm((b0 - (mu * v).sum(-1)).unsqueeze(-1), v, X.transpose(1, 2))  # (T, m, n) sorted order
+    model = torch.tensor(proc.score, device=dev)[fold.gather(1, order)]
+    sc_sorted = z.gather(1, model.clamp_min(0).unsqueeze(1)).squeeze(1)
+    sc_sorted = torch.where(model >= 0, sc_sorted, torch.full_like(sc_sorted, float("nan")))
+    scores = torch.empty_like(sc_sorted).scatter_(1, order, sc_sorted)
+    if not bool(ok.all()):
+        bad = (~ok).nonzero().squeeze(1)
+        scores[bad] = _fit_and_score_pool(F, draw[bad], proc, C)[0]
+    return scores, fold
 
 
 # --------------------------------------------------------------------------- resampling
@@ -712,12 +847,14 @@ def batched_cdi(members: Tensor, nonmembers: Tensor, draw: TrialDraw, k: int = 5
     ``folds`` (5 for crossfit, 2 for split). Returns per-trial ``p``, ``t`` and ``cohen_d``
     (for the power conversion of App. C.17), plus the scores ``sP``/``sU`` (NaN: not scored).
 
-    ``solver``: ``"gather"`` (each trial's rows gathered into fold blocks, :func:`_block_lr`),
-    ``"pool"`` (every fold model a weight vector over the rows the trials draw from,
-    :func:`_pool_lr`), ``"local"`` (the pool solver on each trial's own rows) or ``"auto"``:
-    pool when a trial uses at least ``POOL_ABOVE`` of the rows (large |P|, permutations,
-    null checks on a small reference set), else gather. All solve the same problems to the
-    same optimum (``benchmarks/cdi_speed.py`` times them).
+    ``solver``: ``"trial"`` (each trial's rows sorted by fold, Böhning's bound and Anderson-
+    accelerated MM steps, :func:`_trial_lr`), ``"gather"`` (rows gathered into fold blocks,
+    Newton, :func:`_block_lr`), ``"pool"`` (every fold model a weight vector over the rows the
+    trials draw from, :func:`_pool_lr`), ``"local"`` (the pool solver on each trial's own rows)
+    or ``"auto"``: trial when the smallest model has at least ``TRIAL_ROWS_PER_COEF`` rows per
+    coefficient (MM needs many more steps on tiny, nearly separable fits), else pool when a
+    trial uses at least ``POOL_ABOVE`` of the rows and gather otherwise. All solve the same
+    problems to the same optimum (``benchmarks/cdi_speed.py`` times them).
 
     ``seed`` draws the relabelings (and tie-breaking uniforms) of a procedure with
     ``fold_permutations``: the same seed gives the same p-values.
@@ -730,31 +867,53 @@ def batched_cdi(members: Tensor, nonmembers: Tensor, draw: TrialDraw, k: int = 5
         raise ValueError(f"procedure '{proc.name}' uses {proc.folds} folds; draw the trials with k={proc.folds}.")
     T, n_p = draw.idx_p.shape
     n, m = n_p + draw.idx_u.shape[1], len(proc.train)
-    if solver not in ("auto", "gather", "pool", "local"):
-        raise ValueError(f"unknown solver '{solver}'; choose auto, gather, pool or local.")
-    pool_rows = int(torch.unique(torch.cat([draw.idx_p, draw.idx_u], 1)).numel())
-    if solver == "auto":
-        solver = "pool" if n >= POOL_ABOVE * pool_rows else "gather"
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver '{solver}'; choose one of {', '.join(SOLVERS)}.")
     d = F.shape[1]
-    # Elements per trial of the largest working tensors; the gather solver slows down when its
-    # (trials, rows, models, d) tensors leave the cache, so it takes a fifth of the budget.
-    per_trial = {"pool": 8 * m * pool_rows, "local": n * ((d + 1) * (d + 2) // 2 + 8 * m), "gather": 5 * n * (m + 1) * (d + 1)}[solver]
-    chunk = max(1, max_elements // per_trial)
-    fit_and_score = {"pool": _fit_and_score_pool, "local": partial(_fit_and_score_pool, local=True), "gather": _fit_and_score}[solver]
-    perm = _relabelings(draw, proc, seed) if proc.fold_permutations else None
-    out = {"p": [], "t": [], "cohen_d": [], "sP": [], "sU": []}
-    for s in tqdm(range(0, T, chunk), disable=not progress, desc="CDI trials", leave=False):
+    if solver == "auto":  # trial when every model has enough rows per coefficient for a few MM steps, else as before
+        smallest = min(len(fs) for fs in proc.train) * n / proc.folds
+        if smallest >= TRIAL_ROWS_PER_COEF * (d + 1):
+            solver = "trial"
+        else:
+            pool_rows = int(torch.unique(torch.cat([draw.idx_p, draw.idx_u], 1)).numel())
+            solver = "pool" if n >= POOL_ABOVE * pool_rows else "gather"
+    if solver == "trial":  # the (chunk, rows, d) design of a chunk should stay in the cache
+        chunk = max(1, TRIAL_CHUNK_ELEMENTS // (n * (d + 1)))
+    else:
+        # Elements per trial of the largest working tensors; the gather solver slows down when its
+        # (trials, rows, models, d) tensors leave the cache, so it takes a fifth of the budget.
+        pool_rows = int(torch.unique(torch.cat([draw.idx_p, draw.idx_u], 1)).numel())
+        per_trial = {"pool": 8 * m * pool_rows, "local": n * ((d + 1) * (d + 2) // 2 + 8 * m), "gather": 5 * n * (m + 1) * (d + 1)}[solver]
+        chunk = max(1, max_elements // per_trial)
+    fit_and_score = {"pool": _fit_and_score_pool, "local": partial(_fit_and_score_pool, local=True), "gather": _fit_and_score,
+                     "trial": _fit_and_score_trial}[solver]
+    def solve(s: int) -> tuple[Tensor, Tensor]:
         sub = draw[s : s + chunk]
         sub = TrialDraw(*(v.to(device) for v in (sub.idx_p, sub.idx_u, sub.fold_p, sub.fold_u)))
-        scores, fold = fit_and_score(F, sub, proc, C)
-        scores, fold = scores.cpu(), fold.cpu()
-        t, p = _statistic(scores, fold, n_p, proc, perm and (perm[0], perm[1][s : s + chunk], perm[2][s : s + chunk]))
-        sP, sU = scores[:, :n_p], scores[:, n_p:]
-        a = sP[~torch.isnan(sP)].view(len(sP), -1)
-        b = sU[~torch.isnan(sU)].view(len(sU), -1)
-        for key, val in zip(out, (p, t.cpu(), cohen_d(a, b), sP, sU)):
-            out[key].append(val)
-    return {key: torch.cat(val) for key, val in out.items()}
+        sc_, fold_ = fit_and_score(F, sub, proc, C)
+        return sc_.cpu(), fold_.cpu()
+
+    starts = range(0, T, chunk)
+    threads = torch.get_num_threads()
+    if solver == "trial" and F.device.type == "cpu" and threads > 1 and len(starts) > 1:
+        # Small chunks (cache-sized) make small products that one thread runs best: the chunks
+        # go to `threads` worker threads (torch releases the GIL) with one intra-op thread each.
+        from concurrent.futures import ThreadPoolExecutor
+
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(threads) as pool:
+                res = list(tqdm(pool.map(solve, starts), total=len(starts), disable=not progress, desc="CDI trials", leave=False))
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        res = [solve(s) for s in tqdm(starts, disable=not progress, desc="CDI trials", leave=False)]
+    scores, fold = torch.cat([r[0] for r in res]), torch.cat([r[1] for r in res])
+    t, p = _statistic(scores, fold, n_p, proc, _relabelings(draw, proc, seed) if proc.fold_permutations else None)
+    sP, sU = scores[:, :n_p], scores[:, n_p:]
+    a = sP[~torch.isnan(sP)].view(len(sP), -1)
+    b = sU[~torch.isnan(sU)].view(len(sU), -1)
+    return {"p": p, "t": t.cpu(), "cohen_d": cohen_d(a, b), "sP": sP, "sU": sU}
 
 
 def _relabelings(draw: TrialDraw, proc: Procedure, seed: int) -> tuple[dict[int, tuple[Tensor, Tensor]], Tensor, Tensor]:
