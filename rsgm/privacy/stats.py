@@ -787,7 +787,7 @@ def fold_permutation_pvalue(a: Tensor, b: Tensor, E: Tensor, place: Tensor, c: T
     with P always on the same positions how often the shared relabelings happen to repeat the
     observed one, in a small fold, would shift every trial's p the same way.)
     One GEMM (T, n) x (n, B + 1) per fold."""
-    s = torch.cat([a, b], 1)
+    s = torch.cat([a, b], 1).to(E.dtype)
     s = s - s.mean(1, keepdim=True)
     v = torch.empty_like(s).scatter_(1, place[c], s)
     S = v @ E
