@@ -922,12 +922,12 @@ def _relabelings(draw: TrialDraw, proc: Procedure, seed: int) -> tuple[dict[int,
     out on and a tie-breaking uniform, all from ``seed`` (streams of their own: the trials'
     draws use ``seed`` itself, and the relabelings must not depend on them)."""
     B = proc.fold_permutations
-    stream = np.random.SeedSequence([seed, 0x5EED]).generate_state(proc.folds + 1)
+    stream = np.random.SeedSequence([seed, 0x5EED]).generate_state(proc.folds + 2)
     relabel = {f: fold_relabelings(int((draw.fold_p[0] == f).sum()), int((draw.fold_u[0] == f).sum()), B, int(stream[f]))
                for f in range(proc.folds) if proc.score[f] >= 0}
-    g = torch.Generator().manual_seed(int(stream[-1]))
-    c = torch.randint(0, B + 1, (len(draw), proc.folds), generator=g)
-    u = torch.rand(len(draw), proc.folds, generator=g, dtype=torch.float64)
+    # One stream each: the first trials get the same values whatever the number of trials.
+    c = torch.randint(0, B + 1, (len(draw), proc.folds), generator=torch.Generator().manual_seed(int(stream[-2])))
+    u = torch.rand(len(draw), proc.folds, generator=torch.Generator().manual_seed(int(stream[-1])), dtype=torch.float64)
     return relabel, c, u
 
 
@@ -940,6 +940,7 @@ def loop_cdi(members, nonmembers, draw: TrialDraw, k: int = 5, C: float = 1.0, t
     F = np.concatenate([np.asarray(members), np.asarray(nonmembers)]).astype(np.float64)
     if proc.fold_permutations:
         relabel, lay, unif = _relabelings(draw, proc, seed)
+        relabel = {f: (E.numpy(), place.numpy()) for f, (E, place) in relabel.items()}
     ps = []
     for i in range(draw.idx_p.shape[0]):
         FP, FU = F[draw.idx_p[i].numpy()], F[draw.idx_u[i].numpy()]
@@ -959,8 +960,8 @@ def loop_cdi(members, nonmembers, draw: TrialDraw, k: int = 5, C: float = 1.0, t
                 pooled = np.r_[a, b] - np.r_[a, b].mean()
                 c = int(lay[i, f])
                 v = np.empty_like(pooled)
-                v[place[c].numpy()] = pooled  # the trial's P scores on labelling c's P positions
-                sums = np.array([v[E[:, j].numpy() > 0].sum() for j in range(E.shape[1])])
+                v[place[c]] = pooled  # the trial's P scores on labelling c's P positions
+                sums = v @ E  # sum of the scores each labelling calls P
                 eps = 1e-9 * np.abs(pooled).sum()
                 above = int((sums - sums[c] > eps).sum())
                 tied = int((np.abs(sums - sums[c]) <= eps).sum()) - 1
