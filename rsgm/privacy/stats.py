@@ -459,7 +459,7 @@ def _trial_lr(Xa: Tensor, y: Tensor, starts: list[int], train: Tensor, C: float,
     w = train.to(dt).repeat_interleave(torch.tensor([b - a for a, b in zip(starts[:-1], starts[1:])], device=dev), 1)  # (m, N)
     XT = Xa.transpose(1, 2).contiguous()  # (T, D, N): logits as (m, D) x (D, N) products
     y = y.unsqueeze(1)
-    lo = (XT.float(), y.float(), w.float()) if COARSE_TRIAL > tol else None
+    lo = (XT.to(torch.float32), y.to(torch.float32), w.to(torch.float32)) if COARSE_TRIAL > tol else None
     x = torch.zeros(T, m, D, dtype=dt, device=dev)  # standardised coefficients, intercept last
     coef, grad = torch.empty_like(x), torch.empty_like(x)
     dXs, dFs, xp, fp, prev = [], [], None, None, None
@@ -492,26 +492,32 @@ def _trial_lr(Xa: Tensor, y: Tensor, starts: list[int], train: Tensor, C: float,
         if not dXs:
             x = x + f
             continue
-        dF, dX = torch.stack(dFs, -1), torch.stack(dXs, -1)  # (T, m, D, h)
-        A = (dF.unsqueeze(-1) * dF.unsqueeze(-2)).sum(-3)  # (T, m, h, h)
-        b = (dF * f.unsqueeze(-1)).sum(-2)
-        A.diagonal(dim1=-2, dim2=-1).add_(1e-12 * A.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True) + 1e-100)  # a forgotten memory: g = 0
-        gam = _small_solve(A, b)  # least-squares mixing weights
-        x = torch.where((size < tol).unsqueeze(-1), x, x + f - ((dX + dF) * gam.unsqueeze(-2)).sum(-1))
+        gam = _mixing_weights(dFs, f)  # least-squares mixing weights, (T, m) each
+        nx = x + f
+        for g_, dx, df in zip(gam, dXs, dFs):
+            nx -= g_.unsqueeze(-1) * (dx + df)
+        x = torch.where((size < tol).unsqueeze(-1), x, nx)
     return x[..., :d], x[..., d], mu, sc, (size < tol).all(-1)
 
 
-def _small_solve(A: Tensor, b: Tensor) -> Tensor:
-    """Solve A g = b for a batch of 1x1 or 2x2 systems elementwise (a batch of tiny LAPACK
-    calls costs more than the arithmetic), larger ones with torch.linalg.solve."""
-    h = A.shape[-1]
+def _mixing_weights(dFs: list[Tensor], f: Tensor) -> list[Tensor]:
+    """Anderson's weights: argmin_g ||f - sum_k g_k dF_k|| per model, from the normal equations
+    (a ridge of 1e-12 of their trace; a forgotten memory, dF = 0, gets g = 0). Up to two
+    differences are solved elementwise (a batch of tiny LAPACK calls costs more than the
+    arithmetic), more with torch.linalg.solve."""
+    h = len(dFs)
+    A = [[(dFs[i] * dFs[j]).sum(-1) for j in range(h)] for i in range(h)]
+    b = [(dF * f).sum(-1) for dF in dFs]
+    ridge = 1e-12 * sum(A[i][i] for i in range(h)) + 1e-100
     if h == 1:
-        return b / A[..., 0]
+        return [b[0] / (A[0][0] + ridge)]
     if h == 2:
-        a, c, e = A[..., 0, 0], A[..., 0, 1], A[..., 1, 1]
+        a, c, e = A[0][0] + ridge, A[0][1], A[1][1] + ridge
         det = a * e - c * c
-        return torch.stack([e * b[..., 0] - c * b[..., 1], a * b[..., 1] - c * b[..., 0]], -1) / det.unsqueeze(-1)
-    return torch.linalg.solve(A, b)
+        return [(e * b[0] - c * b[1]) / det, (a * b[1] - c * b[0]) / det]
+    M = torch.stack([torch.stack(row, -1) for row in A], -2)
+    M.diagonal(dim1=-2, dim2=-1).add_(ridge.unsqueeze(-1))
+    return list(torch.linalg.solve(M, torch.stack(b, -1)).unbind(-1))
 
 
 def _fit_and_score_trial(F: Tensor, draw: TrialDraw, proc: Procedure, C: float) -> tuple[Tensor, Tensor]:
@@ -523,15 +529,17 @@ def _fit_and_score_trial(F: Tensor, draw: TrialDraw, proc: Procedure, C: float) 
     idx = torch.cat([draw.idx_p, draw.idx_u], 1)
     fold = torch.cat([draw.fold_p, draw.fold_u], 1)
     n, k = idx.shape[1], proc.folds
-    order = torch.argsort(fold * n + torch.arange(n, device=dev), dim=1)
+    order = torch.sort(fold, dim=1, stable=True).indices  # rows by fold, in draw order within a fold
     counts = torch.nn.functional.one_hot(fold, k).sum(1)
     if bool((counts != counts[:1]).any()):
         return _fit_and_score(F, draw, proc, C)
     starts = [0, *torch.cumsum(counts[0], 0).tolist()]
     last = max(f for fs in proc.train for f in fs) + 1  # rows past the last fitted fold are only scored
     X = F[idx.gather(1, order)]
-    X = X - X.mean(1, keepdim=True)  # centring per trial: exact one-pass moments, same fits
-    Xa = torch.cat([X, torch.ones(*X.shape[:2], 1, dtype=X.dtype, device=dev)], -1)
+    Xa = torch.empty(T, n, X.shape[-1] + 1, dtype=X.dtype, device=dev)
+    torch.sub(X, X.mean(1, keepdim=True), out=Xa[..., :-1])  # centring per trial: exact one-pass moments, same fits
+    Xa[..., -1] = 1.0
+    X = Xa[..., :-1]
     train = torch.zeros(len(proc.train), k, dtype=torch.float64, device=dev)
     for j, fs in enumerate(proc.train):
         train[j, list(fs)] = 1.0
