@@ -310,13 +310,13 @@ def test_fold_permutation_pvalue_is_uniform_and_needs_the_random_layout():
     # A 2 + 2 fold (6 labellings) under H0: with the scores laid out on a random labelling the
     # randomised p is uniform; laying every trial out on labelling 0 instead (P always on the
     # same positions of the shared relabelings) skews it by how often the relabelings repeat
-    # labelling 0 (here 195 of 1000 instead of about 167).
+    # labelling 0 (here 134 of 1000 instead of about 167).
     g = torch.Generator().manual_seed(0)
     T = 60000
     a, b = torch.randn(T, 2, generator=g, dtype=torch.float64), torch.randn(T, 2, generator=g, dtype=torch.float64)
-    E, place = S.fold_relabelings(2, 2, 999, 34)
+    E, place = S.fold_relabelings(2, 2, 999, 39)
     same = int((E == E[:, :1]).all(0).sum())
-    assert same == 195  # the draw the negative check below relies on
+    assert same == 134  # the draw the negative check below relies on
     c, u = torch.randint(0, 1000, (T,), generator=g), torch.rand(T, generator=g, dtype=torch.float64)
     grid = torch.linspace(0.02, 0.98, 49, dtype=torch.float64)
     sd = (grid * (1 - grid) / T).sqrt()

@@ -772,8 +772,8 @@ def fold_relabelings(n_a: int, n_b: int, permutations: int, seed: int) -> tuple[
     column c marking the P positions of labelling c, and place (permutations + 1, n_a + n_b)
     long, the P positions of labelling c first, then its U positions. Cached: every trial and
     every chunk of trials uses the same matrix."""
-    g = torch.Generator().manual_seed(seed)
-    place = torch.rand(permutations + 1, n_a + n_b, generator=g).argsort(-1)
+    rows = np.tile(np.arange(n_a + n_b), (permutations + 1, 1))
+    place = torch.from_numpy(np.random.default_rng(seed).permuted(rows, axis=1))  # Fisher-Yates per row: no sort
     E = torch.zeros(n_a + n_b, permutations + 1, dtype=torch.float64)
     E.T.scatter_(1, place[:, :n_a], 1.0)
     return E, place
