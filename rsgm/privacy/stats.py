@@ -134,7 +134,7 @@ def batched_logistic_regression(X: Tensor, y: Tensor, w: Tensor, C: float = 1.0,
 
 
 SOLVERS = ("auto", "trial", "gather", "pool", "local")
-COARSE_TRIAL = 1e-4  # _trial_lr: float32 products until the MM steps are below this, then float64
+COARSE_TRIAL = 1e-5  # _trial_lr: float32 products until the MM steps are below this, then float64
 TRIAL_ROWS_PER_COEF = 2.5  # batched_cdi, auto: the trial solver when the smallest model has this many rows per coefficient
 TRIAL_CHUNK_ELEMENTS = 800_000  # batched_cdi, trial solver: float64 elements of the rows of one chunk of trials (6.4 MB)
 REFRESH_ABOVE = 1e-3  # a model's Hessian is rebuilt while its largest step exceeds this
