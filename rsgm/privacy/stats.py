@@ -802,7 +802,7 @@ def fold_permutation_pvalue(a: Tensor, b: Tensor, E: Tensor, place: Tensor, c: T
     diff = S - S.gather(1, c.unsqueeze(1))
     tol = 1e-9 * s.abs().sum(1, keepdim=True)  # equal subsets summed in another order: a tie
     above = (diff > tol).sum(1)
-    tied = (diff.abs() <= tol).sum(1) - 1  # not the observed itself
+    tied = (diff >= -tol).sum(1) - above - 1  # not the observed itself
     return (above + u * (1 + tied)) / E.shape[1]
 
 
