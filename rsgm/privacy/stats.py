@@ -2,12 +2,15 @@
 
 Roles: P is the suspect (published) set, U the known non-member reference set. Every
 sample carries a feature row; a scoring model turns rows into membership scores (higher
-means member) and a one-sided Welch t-test asks whether P scores higher than U.
+means member) and a one-sided test asks whether P scores higher than U (the default: per
+fold permutation p-values of the held-out scores, combined by Stouffer; Welch t-tests for
+the other procedures).
 
 The expensive part is resampling: 1000 random (P, U) subsets per |P|, each with 5-fold
 cross-fitting, i.e. 5000 logistic regressions per |P|. :func:`batched_cdi` solves all of
-them together in torch (Newton's method on the exact sklearn objective), so a whole grid
-runs in seconds; :func:`loop_cdi` is the straightforward sklearn loop it is tested against.
+them together in torch (on the exact sklearn objective: Anderson-accelerated majorise-
+minimise steps, or Newton's method for small fits), so a whole grid runs in seconds;
+:func:`loop_cdi` is the straightforward sklearn loop it is tested against.
 
 Everything here is model-agnostic: it takes feature matrices, whatever produced them.
 """
