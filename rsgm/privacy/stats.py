@@ -137,7 +137,7 @@ def batched_logistic_regression(X: Tensor, y: Tensor, w: Tensor, C: float = 1.0,
 
 
 SOLVERS = ("auto", "trial", "gather", "pool", "local")
-COARSE_TRIAL = 1e-5  # _trial_lr: float32 products until the MM steps are below this, then float64
+COARSE_TRIAL = 1e-4  # _trial_lr: float32 products until the MM steps are below this, then float64
 TRIAL_ROWS_PER_COEF = 2.5  # batched_cdi, auto: the trial solver when the smallest model has this many rows per coefficient
 TRIAL_CHUNK_ELEMENTS = 800_000  # batched_cdi, trial solver: float64 elements of the rows of one chunk of trials (6.4 MB)
 REFRESH_ABOVE = 1e-3  # a model's Hessian is rebuilt while its largest step exceeds this
@@ -481,8 +481,9 @@ def _trial_lr(Xa: Tensor, y: Tensor, starts: list[int], train: Tensor, C: float,
             trace.append(big)
         if big < tol and lo is None:
             return x[..., :d], x[..., d], mu, sc, torch.ones(T, dtype=torch.bool, device=dev)
-        if big < COARSE_TRIAL:
+        if big < COARSE_TRIAL and lo is not None:
             lo = None
+            dXs, dFs = [], []  # differences of float32 steps are noisy at this scale: start the memory afresh
         if xp is not None:
             dXs.append(x - xp)
             dFs.append(f - fp)
