@@ -138,6 +138,7 @@ def batched_logistic_regression(X: Tensor, y: Tensor, w: Tensor, C: float = 1.0,
 
 SOLVERS = ("auto", "trial", "gather", "pool", "local")
 COARSE_TRIAL = 1e-4  # _trial_lr: float32 products until the MM steps are below this, then float64
+POOL_ALL = 0.75  # batched_cdi, auto: the pool solver (not trial) when a trial uses at least this fraction of the pool's rows
 TRIAL_ROWS_PER_COEF = 2.5  # batched_cdi, auto: the trial solver when the smallest model has this many rows per coefficient
 TRIAL_CHUNK_ELEMENTS = 800_000  # batched_cdi, trial solver: float64 elements of the rows of one chunk of trials (6.4 MB)
 REFRESH_ABOVE = 1e-3  # a model's Hessian is rebuilt while its largest step exceeds this
@@ -863,9 +864,11 @@ def batched_cdi(members: Tensor, nonmembers: Tensor, draw: TrialDraw, k: int = 5
     accelerated MM steps, :func:`_trial_lr`), ``"gather"`` (rows gathered into fold blocks,
     Newton, :func:`_block_lr`), ``"pool"`` (every fold model a weight vector over the rows the
     trials draw from, :func:`_pool_lr`), ``"local"`` (the pool solver on each trial's own rows)
-    or ``"auto"``: trial when the smallest model has at least ``TRIAL_ROWS_PER_COEF`` rows per
-    coefficient (MM needs many more steps on tiny, nearly separable fits), else pool when a
-    trial uses at least ``POOL_ABOVE`` of the rows and gather otherwise. All solve the same
+    or ``"auto"``: pool when a trial uses at least ``POOL_ALL`` of the rows the trials draw
+    from (permutations, null checks on a small reference set), else trial when the smallest
+    model has at least ``TRIAL_ROWS_PER_COEF`` rows per coefficient (MM needs many more steps
+    on tiny, nearly separable fits), else pool when a trial uses at least ``POOL_ABOVE`` of
+    the rows and gather otherwise. All solve the same
     problems to the same optimum (``benchmarks/cdi_speed.py`` times them).
 
     ``seed`` draws the relabelings (and tie-breaking uniforms) of a procedure with
@@ -882,12 +885,15 @@ def batched_cdi(members: Tensor, nonmembers: Tensor, draw: TrialDraw, k: int = 5
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver '{solver}'; choose one of {', '.join(SOLVERS)}.")
     d = F.shape[1]
-    if solver == "auto":  # trial when every model has enough rows per coefficient for a few MM steps, else as before
+    if solver == "auto":
+        # pool when every trial uses most of the rows (permutations, null checks on a small
+        # reference set: its large products then waste nothing), else trial when every model
+        # has enough rows per coefficient for a few MM steps, else pool or gather as before.
+        pool_rows = int(torch.unique(torch.cat([draw.idx_p, draw.idx_u], 1)).numel())
         smallest = min(len(fs) for fs in proc.train) * n / proc.folds
-        if smallest >= TRIAL_ROWS_PER_COEF * (d + 1):
+        if n < POOL_ALL * pool_rows and smallest >= TRIAL_ROWS_PER_COEF * (d + 1):
             solver = "trial"
         else:
-            pool_rows = int(torch.unique(torch.cat([draw.idx_p, draw.idx_u], 1)).numel())
             solver = "pool" if n >= POOL_ABOVE * pool_rows else "gather"
     if solver == "trial":  # the (chunk, rows, d) design of a chunk should stay in the cache
         chunk = max(1, TRIAL_CHUNK_ELEMENTS // (n * (d + 1)))
