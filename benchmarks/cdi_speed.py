@@ -85,9 +85,17 @@ def _timed(fn):
     return out, time.perf_counter() - t0, time.process_time() - c0
 
 
+def previous_solver(draw, n: int) -> str:
+    """The solver ``batched_cdi`` picked before the trial solver: pool when a trial uses at
+    least ``POOL_ABOVE`` of the rows the trials draw from, else gather."""
+    pool_rows = int(torch.unique(torch.cat([draw.idx_p, draw.idx_u], 1)).numel())
+    return "pool" if n >= S.POOL_ABOVE * pool_rows else "gather"
+
+
 def stats_table(trials: int, loop_trials: int, sizes: list[int], d: int, devices: list[str], procedures: list[str],
-                permutation: bool = True) -> list[tuple]:
-    """Batched statistics on each device vs the straightforward sklearn loop on the same splits."""
+                permutation: bool = True, compare: bool = True) -> list[tuple]:
+    """Batched statistics on each device vs the straightforward sklearn loop on the same splits
+    (and, with ``compare``, the previous batched solver on CPU, timed in the same run)."""
     from threadpoolctl import threadpool_limits
 
     rng = np.random.default_rng(0)
@@ -98,6 +106,9 @@ def stats_table(trials: int, loop_trials: int, sizes: list[int], d: int, devices
           f"scipy Welch; BLAS 1 thread) timed on {loop_trials} trials and scaled to {trials}")
     head = "".join(f"{dev + ' wall':>10}{'x loop':>8}{dev + ' cpu':>9}{'x loop':>8}" for dev in devices)
     print("(seconds: wall clock and CPU time of the process, all threads; 'x loop' is the loop's over the batched)")
+    if compare:
+        print("'prev': the previous batched solver (pool / gather) on CPU, same splits; 'x prev': its time over the current one's")
+        head += f"{'prev':>7}{'solver':>7}{'prev wall':>10}{'x prev':>7}{'prev cpu':>9}{'x prev':>7}"
     print(f"{'procedure':<24}{'|P|':>6}{'loop wall':>10}{'loop cpu':>9}{head}{'max |dp|':>11}{'load':>7}")
     rows = []
     cases = [(proc, n) for proc in procedures for n in sizes] + ([("permutation", n) for n in sizes] if permutation else [])
@@ -116,7 +127,7 @@ def stats_table(trials: int, loop_trials: int, sizes: list[int], d: int, devices
             _, t_loop, c_loop = _timed(lambda: S.loop_cdi(mem, non, draw[:loop_trials], procedure=name))
             exact = S.loop_cdi(mem, non, draw[:loop_trials], tol=1e-8, procedure=name)  # same splits, converged
         t_loop, c_loop = t_loop * trials / loop_trials, c_loop * trials / loop_trials
-        cells, diff = "", 0.0
+        cells, diff, cpu_times = "", 0.0, None
         for dev in devices:
             S.batched_cdi(mem, non, draw[:2], device=dev, procedure=name)  # warm-up
             sync(dev)
@@ -125,6 +136,13 @@ def stats_table(trials: int, loop_trials: int, sizes: list[int], d: int, devices
             cells += f"{t:>10.2f}{t_loop / t:>8.1f}{c:>9.2f}{c_loop / c:>8.1f}"
             diff = max(diff, float(np.abs(fast[:loop_trials] - exact).max()))
             rows.append((proc, n, t_loop, dev, t, t_loop / t, c_loop / c, diff))
+            cpu_times = cpu_times or (t, c)
+        if compare:
+            prev = previous_solver(draw, 2 * n)
+            S.batched_cdi(mem, non, draw[:2], procedure=name, solver=prev)  # warm-up
+            res_p, tp, cp = _timed(lambda: S.batched_cdi(mem, non, draw, procedure=name, solver=prev))
+            cells += f"{'':>7}{prev:>7}{tp:>10.2f}{tp / cpu_times[0]:>7.1f}{cp:>9.2f}{cp / cpu_times[1]:>7.1f}"
+            diff = max(diff, float(np.abs(res_p["p"].numpy()[:loop_trials] - exact).max()))
         print(f"{proc:<24}{n:>6}{t_loop:>10.1f}{c_loop:>9.1f}{cells}{diff:>11.1e}{os.getloadavg()[0]:>7.1f}", flush=True)
     return rows
 
@@ -141,9 +159,10 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=1000)
     ap.add_argument("--loop_trials", type=int, default=20)
     ap.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000])
-    ap.add_argument("--procedures", nargs="+", default=[S.DEFAULT_PROCEDURE, "crossfit"])
+    ap.add_argument("--procedures", nargs="+", default=[S.DEFAULT_PROCEDURE, "sequential_stratified", "crossfit"])
     ap.add_argument("--no_permutation", action="store_true", help="skip the permutation-test rows")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no_compare", action="store_true", help="skip timing the previous batched solver")
     args = ap.parse_args()
     if args.full:
         args.sizes = sorted(set(args.sizes) | {10, 30, 100, 300, 1000})
@@ -168,7 +187,7 @@ def main() -> None:
         print_features(f"DiT-256 ({args.dit}), batch of 64", feature_table(dit, xs, cls, args.device, 1, max_batch=256))
 
     devices = ["cpu"] + ([args.device] if args.device != "cpu" else [])
-    stats_table(args.trials, args.loop_trials, args.sizes, 26, devices, args.procedures, not args.no_permutation)
+    stats_table(args.trials, args.loop_trials, args.sizes, 26, devices, args.procedures, not args.no_permutation, not args.no_compare)
 
 
 if __name__ == "__main__":

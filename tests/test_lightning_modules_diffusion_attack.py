@@ -57,7 +57,7 @@ def test_callbacks_and_features_cache(tmp_path, capsys):
     assert torch.equal(load_features_cache(tmp_path / "cache.safetensors")["features"], first["features"])
     summary = json.loads((tmp_path / "a" / "cdi" / "summary.json").read_text())
     assert summary["n_members"] == 15 and summary["n_nonmembers"] == 20 and 0 <= summary["null_false_positive_rate"] <= 1
-    assert summary["procedure"] == "sequential_stratified" and summary["null_trials"] == 50 and summary["null_n_p"] == 10
+    assert summary["procedure"] == "sequential_permutation" and summary["null_trials"] == 50 and summary["null_n_p"] == 10
     assert summary["audit_p_permutation"] >= 1 / 21 and isinstance(summary["null_check_passed"], bool)
     assert (tmp_path / "a" / "plots" / "cdi_null_qq.png").is_file()
     assert (tmp_path / "a" / "mia" / "scores.safetensors").is_file() and (tmp_path / "a" / "cdi" / "p_values.safetensors").is_file()

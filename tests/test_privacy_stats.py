@@ -101,16 +101,17 @@ def test_batched_cross_fit_scores_ignore_held_out_fold():
 
 @pytest.mark.parametrize("shift,n_p,n_u,procedure", [(0.3, 30, 30, "crossfit"), (0.0, 20, 40, "crossfit"), (0.15, 50, 25, "crossfit"),
                                                      (0.3, 30, 30, "split"), (0.3, 30, 30, "sequential"),
-                                                     (0.3, 30, 30, "sequential_stratified"), (0.0, 20, 40, "crossfit_stratified")])
+                                                     (0.3, 30, 30, "sequential_stratified"), (0.0, 20, 40, "crossfit_stratified"),
+                                                     (0.3, 30, 30, "sequential_permutation"), (0.0, 50, 25, "sequential_permutation")])
 def test_batched_cdi_matches_sklearn_loop(shift, n_p, n_u, procedure):
     rng = np.random.default_rng(0)
     members = torch.from_numpy(rng.normal(shift, 1, (120, 6)) * np.array([1, 2, 5, 1, 0.5, 1]) + np.array([0, 100, 0, -3, 0, 0]))
     nonmembers = torch.from_numpy(rng.normal(0, 1, (150, 6)) * np.array([1, 2, 5, 1, 0.5, 1]) + np.array([0, 100, 0, -3, 0, 0]))
     k = S.make_procedure(procedure).folds
     draw = S.draw_trials(120, 150, n_p, n_u, trials=12, k=k, seed=2)
-    slow = S.loop_cdi(members, nonmembers, draw, tol=1e-8, procedure=procedure)
-    for solver in ("gather", "pool", "local"):  # every solver reaches the same optimum
-        fast = S.batched_cdi(members, nonmembers, draw, procedure=procedure, solver=solver)["p"].numpy()
+    slow = S.loop_cdi(members, nonmembers, draw, tol=1e-8, procedure=procedure, seed=3)
+    for solver in ("trial", "gather", "pool", "local"):  # every solver reaches the same optimum
+        fast = S.batched_cdi(members, nonmembers, draw, procedure=procedure, solver=solver, seed=3)["p"].numpy()
         np.testing.assert_allclose(fast, slow, atol=1e-3, err_msg=solver)
         np.testing.assert_allclose(fast, slow, atol=1e-6, err_msg=solver)  # the exact optimum agrees far tighter
 
@@ -279,3 +280,70 @@ def test_thesis_crossfit_is_over_dispersed_and_default_is_not():
     default = S.null_experiment(F, 30, trials=1000, alpha=0.05, seed=1)
     assert not S.null_check(thesis["p_values"], 0.05)["passed"]
     assert S.null_check(default["p_values"], 0.05)["passed"]
+
+
+def test_trial_solver_is_sklearns_optimum_and_hands_unconverged_trials_on(monkeypatch):
+    # Every model of the trial solver is sklearn's StandardScaler + LogisticRegression: scores
+    # of held-out rows to 1e-6 on a design with offsets, scales and a column that is constant
+    # inside a trial's folds; trials the MM iteration leaves unconverged are solved again.
+    rng = np.random.default_rng(7)
+    F = rng.normal(0, 1, (300, 5)) * np.array([1, 30, 0.01, 1, 1]) + np.array([0, 500, 0, 2, 0])
+    F[:, 4] = 3.0  # constant: StandardScaler's scale 1
+    F, proc = torch.from_numpy(F), S.make_procedure("sequential_stratified")
+    draw = S.draw_trials(150, 150, 60, 60, trials=6, k=5, seed=1)
+    scores, fold = S._fit_and_score_trial(F, draw, proc, 0.7)
+    Fn = F.numpy()
+    for i in range(6):
+        idx = np.r_[draw.idx_p[i].numpy(), draw.idx_u[i].numpy()]
+        y, f = np.r_[np.ones(60), np.zeros(60)], fold[i].numpy()
+        for j, fs in enumerate(proc.train):
+            tr, te = np.isin(f, fs), f == j + 1
+            ref = S.sklearn_fit_score(Fn[idx[tr]], y[tr], Fn[idx[te]], C=0.7, tol=1e-10)
+            np.testing.assert_allclose(scores[i, te].numpy(), ref, atol=1e-6)
+    orig = S._trial_lr
+    monkeypatch.setattr(S, "_trial_lr", lambda *a, **k: orig(*a, **{**k, "max_iter": 2}))
+    again, _ = S._fit_and_score_trial(F, draw, proc, 0.7)  # two MM steps: nothing converged, all re-solved
+    torch.testing.assert_close(again, scores, atol=1e-6, rtol=0, equal_nan=True)
+
+
+def test_fold_permutation_pvalue_is_uniform_and_needs_the_random_layout():
+    # A 2 + 2 fold (6 labellings) under H0: with the scores laid out on a random labelling the
+    # randomised p is uniform; laying every trial out on labelling 0 instead (P always on the
+    # same positions of the shared relabelings) skews it by how often the relabelings repeat
+    # labelling 0 (here 134 of 1000 instead of about 167).
+    g = torch.Generator().manual_seed(0)
+    T = 60000
+    a, b = torch.randn(T, 2, generator=g, dtype=torch.float64), torch.randn(T, 2, generator=g, dtype=torch.float64)
+    E, place = S.fold_relabelings(2, 2, 999, 39)
+    same = int((E == E[:, :1]).all(0).sum())
+    assert same == 134  # the draw the negative check below relies on
+    c, u = torch.randint(0, 1000, (T,), generator=g), torch.rand(T, generator=g, dtype=torch.float64)
+    grid = torch.linspace(0.02, 0.98, 49, dtype=torch.float64)
+    sd = (grid * (1 - grid) / T).sqrt()
+    p = S.fold_permutation_pvalue(a, b, E, place, c, u)
+    assert ((p.unsqueeze(1) <= grid).double().mean(0) - grid).abs().max() < 4 * sd.max()
+    fixed = S.fold_permutation_pvalue(a, b, E, place, torch.zeros_like(c), u)
+    assert ((fixed.unsqueeze(1) <= grid).double().mean(0) - grid).abs().max() > 8 * sd.max()
+
+
+def test_fold_permutation_pvalue_hand_case():
+    # One P score 3.0 and U scores 1.0, 2.0: the sums over the 3 labellings are 3, 1, 2. With the
+    # labellings (P at position 0, 1, 2) repeated [2, 1, 1] times and the observed laid out on a
+    # position-0 copy, one other copy ties and none is larger: p = u (1 + 1) / 4.
+    E = torch.tensor([[1.0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.float64)
+    place = torch.tensor([[0, 1, 2], [0, 1, 2], [1, 0, 2], [2, 0, 1]])
+    p = S.fold_permutation_pvalue(torch.tensor([[3.0]]), torch.tensor([[1.0, 2.0]]), E, place, torch.tensor([1]), torch.tensor([0.3]))
+    assert float(p) == pytest.approx(0.3 * 2 / 4)
+    # The observed 1.0 (P on the U-sized score): sums 2 and 3 lie above (3 labellings of 4), no tie.
+    p = S.fold_permutation_pvalue(torch.tensor([[1.0]]), torch.tensor([[3.0, 2.0]]), E, place, torch.tensor([2]), torch.tensor([0.5]))
+    assert float(p) == pytest.approx((3 + 0.5) / 4)
+
+
+def test_permutation_default_is_reproducible_and_stouffer():
+    # Same seed, same p-values; the default's p is Phi(-sum_f z_f / 2) over its 4 scored folds.
+    rng = np.random.default_rng(2)
+    P, U = torch.from_numpy(rng.normal(0.4, 1, (40, 3))), torch.from_numpy(rng.normal(0, 1, (60, 3)))
+    one, two = S.audit_test(P, U, seed=5), S.audit_test(P, U, seed=5)
+    assert one == two and one["procedure"] == S.DEFAULT_PROCEDURE == "sequential_permutation"
+    assert one["p"] == pytest.approx(float(sps.norm.sf(one["t"])), rel=1e-9)
+    assert S.audit_test(P, U, seed=6)["p"] != one["p"]

@@ -2,12 +2,15 @@
 
 Roles: P is the suspect (published) set, U the known non-member reference set. Every
 sample carries a feature row; a scoring model turns rows into membership scores (higher
-means member) and a one-sided Welch t-test asks whether P scores higher than U.
+means member) and a one-sided test asks whether P scores higher than U (the default: per
+fold permutation p-values of the held-out scores, combined by Stouffer; Welch t-tests for
+the other procedures).
 
 The expensive part is resampling: 1000 random (P, U) subsets per |P|, each with 5-fold
 cross-fitting, i.e. 5000 logistic regressions per |P|. :func:`batched_cdi` solves all of
-them together in torch (Newton's method on the exact sklearn objective), so a whole grid
-runs in seconds; :func:`loop_cdi` is the straightforward sklearn loop it is tested against.
+them together in torch (on the exact sklearn objective: Anderson-accelerated majorise-
+minimise steps, or Newton's method for small fits), so a whole grid runs in seconds;
+:func:`loop_cdi` is the straightforward sklearn loop it is tested against.
 
 Everything here is model-agnostic: it takes feature matrices, whatever produced them.
 """
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 
 import numpy as np
 import torch
@@ -133,6 +136,11 @@ def batched_logistic_regression(X: Tensor, y: Tensor, w: Tensor, C: float = 1.0,
     return beta[:, 0], b0[:, 0], mu[:, 0] + shift[:, 0], sc[:, 0]
 
 
+SOLVERS = ("auto", "trial", "gather", "pool", "local")
+COARSE_TRIAL = 1e-4  # _trial_lr: float32 products until the MM steps are below this, then float64
+POOL_ALL = 0.75  # batched_cdi, auto: the pool solver (not trial) when a trial uses at least this fraction of the pool's rows
+TRIAL_ROWS_PER_COEF = 2.5  # batched_cdi, auto: the trial solver when the smallest model has this many rows per coefficient
+TRIAL_CHUNK_ELEMENTS = 800_000  # batched_cdi, trial solver: float64 elements of the rows of one chunk of trials (6.4 MB)
 REFRESH_ABOVE = 1e-3  # a model's Hessian is rebuilt while its largest step exceeds this
 POOL_ABOVE = 0.15  # batched_cdi: the pool solver when a trial uses at least this fraction of the pool's rows
 COARSE_TOL = 1e-4  # pool solver: float32 Newton steps until the steps are below this, then float64
@@ -414,6 +422,146 @@ def _pool_newton(Xa: Tensor, Wt: Tensor, fit: dict, state: dict, curvature, C: f
     raise RuntimeError(f"{int(idx.numel())} groups of logistic regressions did not converge in {max_iter} iterations.")
 
 
+ANDERSON_MEMORY = 2  # _trial_lr: Anderson acceleration over the last this many MM steps
+
+
+def _trial_lr(Xa: Tensor, y: Tensor, starts: list[int], train: Tensor, C: float, max_iter: int = 200, tol: float = 1e-9,
+              trace: list | None = None):
+    """StandardScaler + L2 logistic regressions, m per trial, each on a union of fold blocks of
+    that trial's own rows: Böhning's majorise-minimise iteration accelerated by Anderson mixing.
+
+    Xa: (T, N, d+1) the trials' rows sorted by fold (fold f at rows starts[f]:starts[f+1] in every
+    trial), centred per trial, with a ones column last; y: (T, N) labels; train: (m, k) 0/1,
+    model j fits the folds with train[j, f] = 1. Minimises sklearn's objective
+    0.5 ||beta||^2 + C sum_i softplus(-(2 y_i - 1) z_i) on the standardised rows.
+
+    The curvature of the logistic loss is at most 1/4, so B = C Z'Z / 4 + I (Z: standardised
+    rows and ones) bounds every Hessian: the step -B^-1 grad never increases the objective
+    (Böhning and Lindsay 1988). B needs no fitted value: it comes from one Gram matrix per fold
+    block (Z'Z of a model is a sum of its folds' blocks, standardised through the moments), so
+    it is built once with a few GEMMs and factored once. Plain MM contracts linearly (about
+    0.3 per step here); Anderson acceleration (type II, over the last ``ANDERSON_MEMORY``
+    steps; a model whose MM step grew forgets its memory) reaches ``tol`` in about 9 steps,
+    each costing two (T, m, N) x (N, d+1) products and no Hessian. The fixed point is where
+    the exact float64 gradient vanishes, i.e. the sklearn optimum. Returns (beta, b0, mu, sc)
+    (T, m, ...) and a (T,) mask of the trials that converged within ``max_iter``.
+    """
+    T, N, D = Xa.shape
+    d, m, k = D - 1, train.shape[0], train.shape[1]
+    dt, dev = torch.float64, Xa.device
+    G = torch.stack([torch.bmm(Xa[:, a:b].transpose(1, 2), Xa[:, a:b]) for a, b in zip(starts[:-1], starts[1:])], 1)  # (T, k, D, D)
+    M = torch.einsum("mk,tkab->tmab", train.to(dt), G)  # raw moments of every model's rows
+    m0, m1 = M[..., d, d], M[..., :d, d]
+    mu = m1 / m0.unsqueeze(-1)
+    ex2 = torch.diagonal(M[..., :d, :d], dim1=-2, dim2=-1) / m0.unsqueeze(-1)
+    var = (ex2 - mu**2).clamp_min(0)
+    sc = torch.where(var > 1e-12 * ex2, var.sqrt(), torch.ones_like(var))  # constant column: scale 1, as StandardScaler
+    reg = torch.eye(D, dtype=dt, device=dev)
+    reg[-1, -1] = 0.0  # the intercept is not penalised
+    LB = _hessian_cholesky(0.25 * M[..., :d, :d], 0.25 * m1, 0.25 * m0, mu, sc, C, reg)
+    nBinv = -torch.cholesky_inverse(LB)  # applied as a product: cheaper than a batch of tiny triangular solves
+    w = train.to(dt).repeat_interleave(torch.tensor([b - a for a, b in zip(starts[:-1], starts[1:])], device=dev), 1)  # (m, N)
+    XT = Xa.transpose(1, 2).contiguous()  # (T, D, N): logits as (m, D) x (D, N) products
+    y = y.unsqueeze(1)
+    lo = (XT.to(torch.float32), y.to(torch.float32), w.to(torch.float32)) if COARSE_TRIAL > tol else None
+    x = torch.zeros(T, m, D, dtype=dt, device=dev)  # standardised coefficients, intercept last
+    coef, grad = torch.empty_like(x), torch.empty_like(x)
+    dXs, dFs, xp, fp, prev = [], [], None, None, None
+    for _ in range(max_iter):
+        torch.div(x[..., :d], sc, out=coef[..., :d])  # raw coefficients: z = x . coef
+        coef[..., d] = x[..., d] - (mu * coef[..., :d]).sum(-1)
+        XT_, y_, w_ = (XT, y, w) if lo is None else lo  # float32 products while the steps are large
+        r = torch.bmm(coef.to(XT_.dtype), XT_).sigmoid_().sub_(y_).mul_(w_)
+        ga = torch.bmm(XT_, r.transpose(1, 2)).transpose(1, 2).double()
+        torch.addcmul(x[..., :d], ga[..., :d] - ga[..., d:] * mu, 1 / sc, value=C, out=grad[..., :d])
+        grad[..., d] = C * ga[..., d]
+        f = (nBinv * grad.unsqueeze(-2)).sum(-1)  # the MM step (tiny products: elementwise beats batched matmul)
+        size = f.abs().amax(-1)  # (T, m)
+        big = float(size.max())
+        if trace is not None:
+            trace.append(big)
+        if big < tol and lo is None:
+            return x[..., :d], x[..., d], mu, sc, torch.ones(T, dtype=torch.bool, device=dev)
+        if big < COARSE_TRIAL and lo is not None:
+            lo = None
+            dXs, dFs = [], []  # differences of float32 steps are noisy at this scale: start the memory afresh
+        if xp is not None:
+            dXs.append(x - xp)
+            dFs.append(f - fp)
+            del dXs[:-ANDERSON_MEMORY], dFs[:-ANDERSON_MEMORY]
+            grew = size > prev
+            if bool(grew.any()):  # a model's MM step grew: forget its memory (its next step is plain MM)
+                keep = (~grew).to(dt).unsqueeze(-1)
+                dXs, dFs = [v * keep for v in dXs], [v * keep for v in dFs]
+        prev, xp, fp = size, x, f
+        if not dXs:
+            x = x + f
+            continue
+        gam = _mixing_weights(dFs, f)  # least-squares mixing weights, (T, m) each
+        nx = x + f
+        for g_, dx, df in zip(gam, dXs, dFs):
+            nx -= g_.unsqueeze(-1) * (dx + df)
+        x = torch.where((size < tol).unsqueeze(-1), x, nx)
+    return x[..., :d], x[..., d], mu, sc, (size < tol).all(-1)
+
+
+def _mixing_weights(dFs: list[Tensor], f: Tensor) -> list[Tensor]:
+    """Anderson's weights: argmin_g ||f - sum_k g_k dF_k|| per model, from the normal equations
+    (a ridge of 1e-12 of their trace; a forgotten memory, dF = 0, gets g = 0). Up to two
+    differences are solved elementwise (a batch of tiny LAPACK calls costs more than the
+    arithmetic), more with torch.linalg.solve."""
+    h = len(dFs)
+    A = [[(dFs[i] * dFs[j]).sum(-1) for j in range(h)] for i in range(h)]
+    b = [(dF * f).sum(-1) for dF in dFs]
+    ridge = 1e-12 * sum(A[i][i] for i in range(h)) + 1e-100
+    if h == 1:
+        return [b[0] / (A[0][0] + ridge)]
+    if h == 2:
+        a, c, e = A[0][0] + ridge, A[0][1], A[1][1] + ridge
+        det = a * e - c * c
+        return [(e * b[0] - c * b[1]) / det, (a * b[1] - c * b[0]) / det]
+    M = torch.stack([torch.stack(row, -1) for row in A], -2)
+    M.diagonal(dim1=-2, dim2=-1).add_(ridge.unsqueeze(-1))
+    return list(torch.linalg.solve(M, torch.stack(b, -1)).unbind(-1))
+
+
+def _fit_and_score_trial(F: Tensor, draw: TrialDraw, proc: Procedure, C: float) -> tuple[Tensor, Tensor]:
+    """As :func:`_fit_and_score`, with each trial's rows sorted by fold (balanced folds: the same
+    block boundaries in every trial, no padding) and the solver :func:`_trial_lr`; trials it
+    leaves unconverged are solved again with :func:`_fit_and_score_pool`."""
+    T, n_p = draw.idx_p.shape
+    dev = F.device
+    idx = torch.cat([draw.idx_p, draw.idx_u], 1)
+    fold = torch.cat([draw.fold_p, draw.fold_u], 1)
+    n, k = idx.shape[1], proc.folds
+    order = torch.sort(fold, dim=1, stable=True).indices  # rows by fold, in draw order within a fold
+    counts = torch.nn.functional.one_hot(fold, k).sum(1)
+    if bool((counts != counts[:1]).any()):
+        return _fit_and_score(F, draw, proc, C)
+    starts = [0, *torch.cumsum(counts[0], 0).tolist()]
+    last = max(f for fs in proc.train for f in fs) + 1  # rows past the last fitted fold are only scored
+    X = F[idx.gather(1, order)]
+    Xa = torch.empty(T, n, X.shape[-1] + 1, dtype=X.dtype, device=dev)
+    torch.sub(X, X.mean(1, keepdim=True), out=Xa[..., :-1])  # centring per trial: exact one-pass moments, same fits
+    Xa[..., -1] = 1.0
+    X = Xa[..., :-1]
+    train = torch.zeros(len(proc.train), k, dtype=torch.float64, device=dev)
+    for j, fs in enumerate(proc.train):
+        train[j, list(fs)] = 1.0
+    y = (order < n_p).double()
+    beta, b0, mu, sc, ok = _trial_lr(Xa[:, : starts[last]], y[:, : starts[last]], starts[: last + 1], train[:, :last], C)
+    v = beta / sc
+    z = torch.baddbmm((b0 - (mu * v).sum(-1)).unsqueeze(-1), v, X.transpose(1, 2))  # (T, m, n) sorted order
+    model = torch.tensor(proc.score, device=dev)[fold.gather(1, order)]
+    sc_sorted = z.gather(1, model.clamp_min(0).unsqueeze(1)).squeeze(1)
+    sc_sorted = torch.where(model >= 0, sc_sorted, torch.full_like(sc_sorted, float("nan")))
+    scores = torch.empty_like(sc_sorted).scatter_(1, order, sc_sorted)
+    if not bool(ok.all()):
+        bad = (~ok).nonzero().squeeze(1)
+        scores[bad] = _fit_and_score_pool(F, draw[bad], proc, C)[0]
+    return scores, fold
+
+
 # --------------------------------------------------------------------------- resampling
 
 
@@ -442,7 +590,10 @@ class Procedure:
 
     ``folds``: number of folds per set; ``train[j]``: folds that fit model j; ``score[f]``:
     model that scores fold f (-1: fold only used for fitting). ``per_fold_welch``: the
-    fold-stratified Welch test of :func:`_statistic` instead of one Welch test on all scored rows."""
+    fold-stratified Welch test of :func:`_statistic` instead of one Welch test on all scored rows.
+    ``fold_permutations`` > 0 (with ``per_fold_welch``): instead of Welch's t distribution, each
+    scored fold's p-value comes from that many relabelings of its held-out scores
+    (:func:`fold_permutation_statistic`), combined over folds by Stouffer's method."""
 
     name: str
     folds: int
@@ -450,6 +601,7 @@ class Procedure:
     score: tuple[int, ...]
     per_fold_welch: bool = False
     description: str = ""
+    fold_permutations: int = 0
 
     @property
     def min_set_size(self) -> int:
@@ -478,8 +630,8 @@ def _crossfit_stratified(k: int) -> Procedure:
                      description=f"{k}-fold cross-fitting, fold-stratified Welch test")
 
 
-PROCEDURES = ("split", "crossfit", "sequential", "sequential_stratified", "crossfit_stratified")
-DEFAULT_PROCEDURE = "sequential_stratified"
+PROCEDURES = ("split", "crossfit", "sequential", "sequential_stratified", "crossfit_stratified", "sequential_permutation")
+DEFAULT_PROCEDURE = "sequential_permutation"
 
 
 def _sequential_stratified(k: int) -> Procedure:
@@ -488,8 +640,15 @@ def _sequential_stratified(k: int) -> Procedure:
                      description=f"forward-chained {k} folds (fold f scored by a model fitted on folds < f), fold-stratified Welch test")
 
 
+def _sequential_permutation(k: int, permutations: int = 999) -> Procedure:
+    seq = _sequential(k)
+    return Procedure("sequential_permutation", k, seq.train, seq.score, per_fold_welch=True, fold_permutations=permutations,
+                     description=f"forward-chained {k} folds (fold f scored by a model fitted on folds < f), per-fold permutation "
+                                 f"p-values of the held-out scores ({permutations} relabelings, no refit), combined by Stouffer")
+
+
 def make_procedure(name: str, k: int = 5) -> Procedure:
-    table = {"crossfit": lambda: _crossfit(k), "split": _split, "sequential": lambda: _sequential(k),
+    table = {"sequential_permutation": lambda: _sequential_permutation(k), "crossfit": lambda: _crossfit(k), "split": _split, "sequential": lambda: _sequential(k),
              "crossfit_stratified": lambda: _crossfit_stratified(k), "sequential_stratified": lambda: _sequential_stratified(k)}
     if name not in table:
         raise RSGMError(f"unknown CDI procedure '{name}'; choose one of {sorted(table)}.")
@@ -611,7 +770,48 @@ def t_sf(t: Tensor, df: Tensor) -> Tensor:
     return torch.from_numpy(np.asarray(sps.t.sf(t.double().cpu().numpy(), df.double().cpu().numpy()), dtype=np.float64))
 
 
-def _statistic(scores: Tensor, fold: Tensor, n_p: int, proc: Procedure) -> tuple[Tensor, Tensor]:
+@lru_cache(maxsize=64)
+def fold_relabelings(n_a: int, n_b: int, permutations: int, seed: int) -> tuple[Tensor, Tensor]:
+    """``permutations + 1`` uniformly random labellings of a fold's n_a + n_b positions (n_a
+    called P), from ``seed``: ``(E, place)`` with E (n_a + n_b, permutations + 1) float64 0/1,
+    column c marking the P positions of labelling c, and place (permutations + 1, n_a + n_b)
+    long, the P positions of labelling c first, then its U positions. Cached: every trial and
+    every chunk of trials uses the same matrix."""
+    rows = np.tile(np.arange(n_a + n_b), (permutations + 1, 1))
+    place = torch.from_numpy(np.random.default_rng(seed).permuted(rows, axis=1))  # Fisher-Yates per row: no sort
+    E = torch.zeros(n_a + n_b, permutations + 1, dtype=torch.float64)
+    E.T.scatter_(1, place[:, :n_a], 1.0)
+    return E, place
+
+
+def fold_permutation_pvalue(a: Tensor, b: Tensor, E: Tensor, place: Tensor, c: Tensor, u: Tensor) -> Tensor:
+    """Randomised permutation p-value of one fold's held-out scores, batched over trials.
+
+    a: (T, n_a) scores of P, b: (T, n_b) of U; E, place: from :func:`fold_relabelings`
+    (B + 1 labellings); c: (T,) long, u: (T,) uniforms in (0, 1). Each trial lays its scores out
+    on labelling c (its P scores on c's P positions), so the observed labelling is labelling c
+    and the other B labellings are the relabelings. The statistic is S = sum of the scores
+    labelled P (for fixed pooled scores a monotone function of the mean difference);
+    p = (#{S_b > S_c} + u (1 + #{b != c: S_b = S_c})) / (1 + B). With c uniform, the observed
+    and the B relabelings are B + 1 exchangeable labellings whenever the fold's rows are
+    exchangeable given the model that scores them (H0), so p is exactly uniform on (0, 1) for any
+    B and any score distribution; ties (small folds, constant scores) are split by u. (Placing
+    the scores on a random labelling matters: the labellings are shared by the trials, and
+    with P always on the same positions how often the shared relabelings happen to repeat the
+    observed one, in a small fold, would shift every trial's p the same way.)
+    One GEMM (T, n) x (n, B + 1) per fold."""
+    s = torch.cat([a, b], 1).to(E.dtype)
+    s = s - s.mean(1, keepdim=True)
+    v = torch.empty_like(s).scatter_(1, place[c], s)
+    S = v @ E
+    diff = S - S.gather(1, c.unsqueeze(1))
+    tol = 1e-9 * s.abs().sum(1, keepdim=True)  # equal subsets summed in another order: a tie
+    above = (diff > tol).sum(1)
+    tied = (diff >= -tol).sum(1) - above - 1  # not the observed itself
+    return (above + u * (1 + tied)) / E.shape[1]
+
+
+def _statistic(scores: Tensor, fold: Tensor, n_p: int, proc: Procedure, perm: tuple | None = None) -> tuple[Tensor, Tensor]:
     """(t, p) per trial: one Welch test over all scored rows, or (``per_fold_welch``) the
     fold-stratified Welch test: each scored fold's mean difference in units of that fold's
     score scale, D_f = (mean_P,f - mean_U,f) / s_f, summed, over the square root of the
@@ -623,6 +823,15 @@ def _statistic(scores: Tensor, fold: Tensor, n_p: int, proc: Procedure) -> tuple
         t, df = _masked_welch(sP, sU)
         return t, t_sf(t, df)
     fp, fu = fold[:, :n_p], fold[:, n_p:]
+    if proc.fold_permutations:  # Stouffer: z = sum_f Phi^-1(1 - p_f) / sqrt(#folds), exactly N(0, 1) under H0
+        relabel, c, u = perm
+        z = torch.zeros(len(scores), dtype=torch.float64)
+        scored = [f for f in range(proc.folds) if proc.score[f] >= 0]
+        for f in scored:
+            pf = fold_permutation_pvalue(sP[fp == f].view(len(sP), -1), sU[fu == f].view(len(sU), -1), *relabel[f], c[:, f], u[:, f])
+            z -= torch.special.ndtri(pf.clamp_min(1e-300))
+        z /= math.sqrt(len(scored))
+        return z, torch.special.ndtr(-z)
     num = torch.zeros(len(scores), dtype=torch.float64)
     var = torch.zeros_like(num)
     dfden = torch.zeros_like(num)
@@ -643,7 +852,7 @@ def _statistic(scores: Tensor, fold: Tensor, n_p: int, proc: Procedure) -> tuple
 
 def batched_cdi(members: Tensor, nonmembers: Tensor, draw: TrialDraw, k: int = 5, C: float = 1.0,
                 max_elements: int = 20_000_000, progress: bool = False, device: str | torch.device = "cpu",
-                procedure: str | Procedure = "crossfit", solver: str = "auto") -> dict[str, Tensor]:
+                procedure: str | Procedure = "crossfit", solver: str = "auto", seed: int = 0) -> dict[str, Tensor]:
     """CDI p-values for every trial in ``draw`` (§5.2 steps 2-4), solved in batches
     (on ``device``: a GPU solves the logistic regressions much faster than the CPU).
 
@@ -651,12 +860,19 @@ def batched_cdi(members: Tensor, nonmembers: Tensor, draw: TrialDraw, k: int = 5
     ``folds`` (5 for crossfit, 2 for split). Returns per-trial ``p``, ``t`` and ``cohen_d``
     (for the power conversion of App. C.17), plus the scores ``sP``/``sU`` (NaN: not scored).
 
-    ``solver``: ``"gather"`` (each trial's rows gathered into fold blocks, :func:`_block_lr`),
-    ``"pool"`` (every fold model a weight vector over the rows the trials draw from,
-    :func:`_pool_lr`), ``"local"`` (the pool solver on each trial's own rows) or ``"auto"``:
-    pool when a trial uses at least ``POOL_ABOVE`` of the rows (large |P|, permutations,
-    null checks on a small reference set), else gather. All solve the same problems to the
-    same optimum (``benchmarks/cdi_speed.py`` times them).
+    ``solver``: ``"trial"`` (each trial's rows sorted by fold, Böhning's bound and Anderson-
+    accelerated MM steps, :func:`_trial_lr`), ``"gather"`` (rows gathered into fold blocks,
+    Newton, :func:`_block_lr`), ``"pool"`` (every fold model a weight vector over the rows the
+    trials draw from, :func:`_pool_lr`), ``"local"`` (the pool solver on each trial's own rows)
+    or ``"auto"``: pool when a trial uses at least ``POOL_ALL`` of the rows the trials draw
+    from (permutations, null checks on a small reference set), else trial when the smallest
+    model has at least ``TRIAL_ROWS_PER_COEF`` rows per coefficient (MM needs many more steps
+    on tiny, nearly separable fits), else pool when a trial uses at least ``POOL_ABOVE`` of
+    the rows and gather otherwise. All solve the same
+    problems to the same optimum (``benchmarks/cdi_speed.py`` times them).
+
+    ``seed`` draws the relabelings (and tie-breaking uniforms) of a procedure with
+    ``fold_permutations``: the same seed gives the same p-values.
     """
     proc = procedure if isinstance(procedure, Procedure) else make_procedure(procedure, k)
     F = torch.cat([torch.as_tensor(members), torch.as_tensor(nonmembers)]).double().to(device)
@@ -666,37 +882,83 @@ def batched_cdi(members: Tensor, nonmembers: Tensor, draw: TrialDraw, k: int = 5
         raise ValueError(f"procedure '{proc.name}' uses {proc.folds} folds; draw the trials with k={proc.folds}.")
     T, n_p = draw.idx_p.shape
     n, m = n_p + draw.idx_u.shape[1], len(proc.train)
-    if solver not in ("auto", "gather", "pool", "local"):
-        raise ValueError(f"unknown solver '{solver}'; choose auto, gather, pool or local.")
-    pool_rows = int(torch.unique(torch.cat([draw.idx_p, draw.idx_u], 1)).numel())
-    if solver == "auto":
-        solver = "pool" if n >= POOL_ABOVE * pool_rows else "gather"
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver '{solver}'; choose one of {', '.join(SOLVERS)}.")
     d = F.shape[1]
-    # Elements per trial of the largest working tensors; the gather solver slows down when its
-    # (trials, rows, models, d) tensors leave the cache, so it takes a fifth of the budget.
-    per_trial = {"pool": 8 * m * pool_rows, "local": n * ((d + 1) * (d + 2) // 2 + 8 * m), "gather": 5 * n * (m + 1) * (d + 1)}[solver]
-    chunk = max(1, max_elements // per_trial)
-    fit_and_score = {"pool": _fit_and_score_pool, "local": partial(_fit_and_score_pool, local=True), "gather": _fit_and_score}[solver]
-    out = {"p": [], "t": [], "cohen_d": [], "sP": [], "sU": []}
-    for s in tqdm(range(0, T, chunk), disable=not progress, desc="CDI trials", leave=False):
+    if solver == "auto":
+        # pool when every trial uses most of the rows (permutations, null checks on a small
+        # reference set: its large products then waste nothing), else trial when every model
+        # has enough rows per coefficient for a few MM steps, else pool or gather as before.
+        pool_rows = int(torch.unique(torch.cat([draw.idx_p, draw.idx_u], 1)).numel())
+        smallest = min(len(fs) for fs in proc.train) * n / proc.folds
+        if n < POOL_ALL * pool_rows and smallest >= TRIAL_ROWS_PER_COEF * (d + 1):
+            solver = "trial"
+        else:
+            solver = "pool" if n >= POOL_ABOVE * pool_rows else "gather"
+    if solver == "trial":  # the (chunk, rows, d) design of a chunk should stay in the cache
+        chunk = max(1, TRIAL_CHUNK_ELEMENTS // (n * (d + 1)))
+    else:
+        # Elements per trial of the largest working tensors; the gather solver slows down when its
+        # (trials, rows, models, d) tensors leave the cache, so it takes a fifth of the budget.
+        pool_rows = int(torch.unique(torch.cat([draw.idx_p, draw.idx_u], 1)).numel())
+        per_trial = {"pool": 8 * m * pool_rows, "local": n * ((d + 1) * (d + 2) // 2 + 8 * m), "gather": 5 * n * (m + 1) * (d + 1)}[solver]
+        chunk = max(1, max_elements // per_trial)
+    fit_and_score = {"pool": _fit_and_score_pool, "local": partial(_fit_and_score_pool, local=True), "gather": _fit_and_score,
+                     "trial": _fit_and_score_trial}[solver]
+    def solve(s: int) -> tuple[Tensor, Tensor]:
         sub = draw[s : s + chunk]
         sub = TrialDraw(*(v.to(device) for v in (sub.idx_p, sub.idx_u, sub.fold_p, sub.fold_u)))
-        scores, fold = fit_and_score(F, sub, proc, C)
-        scores, fold = scores.cpu(), fold.cpu()
-        t, p = _statistic(scores, fold, n_p, proc)
-        sP, sU = scores[:, :n_p], scores[:, n_p:]
-        a = sP[~torch.isnan(sP)].view(len(sP), -1)
-        b = sU[~torch.isnan(sU)].view(len(sU), -1)
-        for key, val in zip(out, (p, t.cpu(), cohen_d(a, b), sP, sU)):
-            out[key].append(val)
-    return {key: torch.cat(val) for key, val in out.items()}
+        sc_, fold_ = fit_and_score(F, sub, proc, C)
+        return sc_.cpu(), fold_.cpu()
+
+    starts = range(0, T, chunk)
+    threads = torch.get_num_threads()
+    if solver == "trial" and F.device.type == "cpu" and threads > 1 and len(starts) > 1:
+        # Small chunks (cache-sized) make small products that one thread runs best: the chunks
+        # go to `threads` worker threads (torch releases the GIL) with one intra-op thread each.
+        from concurrent.futures import ThreadPoolExecutor
+
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(threads) as pool:
+                res = list(tqdm(pool.map(solve, starts), total=len(starts), disable=not progress, desc="CDI trials", leave=False))
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        res = [solve(s) for s in tqdm(starts, disable=not progress, desc="CDI trials", leave=False)]
+    scores, fold = torch.cat([r[0] for r in res]), torch.cat([r[1] for r in res])
+    t, p = _statistic(scores, fold, n_p, proc, _relabelings(draw, proc, seed) if proc.fold_permutations else None)
+    sP, sU = scores[:, :n_p], scores[:, n_p:]
+    a = sP[~torch.isnan(sP)].view(len(sP), -1)
+    b = sU[~torch.isnan(sU)].view(len(sU), -1)
+    return {"p": p, "t": t.cpu(), "cohen_d": cohen_d(a, b), "sP": sP, "sU": sU}
+
+
+def _relabelings(draw: TrialDraw, proc: Procedure, seed: int) -> tuple[dict[int, tuple[Tensor, Tensor]], Tensor, Tensor]:
+    """For a procedure with ``fold_permutations``: the labellings of every scored fold (shared
+    by the trials; each fold its own), and per trial and fold the labelling its scores are laid
+    out on and a tie-breaking uniform, all from ``seed`` (streams of their own: the trials'
+    draws use ``seed`` itself, and the relabelings must not depend on them)."""
+    B = proc.fold_permutations
+    stream = np.random.SeedSequence([seed, 0x5EED]).generate_state(proc.folds + 2)
+    relabel = {f: fold_relabelings(int((draw.fold_p[0] == f).sum()), int((draw.fold_u[0] == f).sum()), B, int(stream[f]))
+               for f in range(proc.folds) if proc.score[f] >= 0}
+    # One stream each: the first trials get the same values whatever the number of trials.
+    c = torch.randint(0, B + 1, (len(draw), proc.folds), generator=torch.Generator().manual_seed(int(stream[-2])))
+    u = torch.rand(len(draw), proc.folds, generator=torch.Generator().manual_seed(int(stream[-1])), dtype=torch.float64)
+    return relabel, c, u
 
 
 def loop_cdi(members, nonmembers, draw: TrialDraw, k: int = 5, C: float = 1.0, tol: float = 1e-4,
-             procedure: str | Procedure = "crossfit") -> np.ndarray:
-    """The straightforward reference: one sklearn pipeline per trial and model, scipy Welch test."""
+             procedure: str | Procedure = "crossfit", seed: int = 0) -> np.ndarray:
+    """The straightforward reference: one sklearn pipeline per trial and model, scipy Welch test
+    (or, with ``fold_permutations``, per fold the scores on each relabeling drawn from ``seed``,
+    written out with numpy)."""
     proc = procedure if isinstance(procedure, Procedure) else make_procedure(procedure, k)
     F = np.concatenate([np.asarray(members), np.asarray(nonmembers)]).astype(np.float64)
+    if proc.fold_permutations:
+        relabel, lay, unif = _relabelings(draw, proc, seed)
+        relabel = {f: (E.numpy(), place.numpy()) for f, (E, place) in relabel.items()}
     ps = []
     for i in range(draw.idx_p.shape[0]):
         FP, FU = F[draw.idx_p[i].numpy()], F[draw.idx_u[i].numpy()]
@@ -709,7 +971,21 @@ def loop_cdi(members, nonmembers, draw: TrialDraw, k: int = 5, C: float = 1.0, t
             y = np.r_[np.ones(trp.sum()), np.zeros(tru.sum())]
             scores = sklearn_fit_score(X, y, np.concatenate([FP[tep], FU[teu]]), C=C, tol=tol)
             sP[tep], sU[teu] = scores[: tep.sum()], scores[tep.sum():]
-        if proc.per_fold_welch:  # fold-stratified Welch, written out per fold with numpy
+        if proc.fold_permutations:  # per fold: rank of the observed sum of P scores among the relabelings
+            zs = []
+            for f, (E, place) in relabel.items():
+                a, b = sP[fp == f], sU[fu == f]
+                pooled = np.r_[a, b] - np.r_[a, b].mean()
+                c = int(lay[i, f])
+                v = np.empty_like(pooled)
+                v[place[c]] = pooled  # the trial's P scores on labelling c's P positions
+                sums = v @ E  # sum of the scores each labelling calls P
+                eps = 1e-9 * np.abs(pooled).sum()
+                above = int((sums - sums[c] > eps).sum())
+                tied = int((np.abs(sums - sums[c]) <= eps).sum()) - 1
+                zs.append(sps.norm.isf((above + float(unif[i, f]) * (1 + tied)) / E.shape[1]))
+            ps.append(sps.norm.sf(np.sum(zs) / np.sqrt(len(zs))))
+        elif proc.per_fold_welch:  # fold-stratified Welch, written out per fold with numpy
             num = var = dfden = 0.0
             for f in range(proc.folds):
                 if proc.score[f] < 0:
@@ -739,7 +1015,7 @@ def permutation_test(FP: Tensor, FU: Tensor, permutations: int = 1000, procedure
     proc = procedure if isinstance(procedure, Procedure) else make_procedure(procedure, k)
     FP, FU = torch.as_tensor(FP).double(), torch.as_tensor(FU).double()
     draw = permutation_draw(len(FP), len(FU), permutations, proc.folds, seed)
-    res = batched_cdi(torch.cat([FP, FU]), FP[:0], draw, proc.folds, C, progress=progress, device=device, procedure=proc)
+    res = batched_cdi(torch.cat([FP, FU]), FP[:0], draw, proc.folds, C, progress=progress, device=device, procedure=proc, seed=seed)
     t = res["t"]
     exceed = int((t[1:] >= t[0]).sum())
     return {"p": (1 + exceed) / (1 + permutations), "t": float(t[0]), "p_parametric": float(res["p"][0]), "permutations": permutations}
@@ -767,7 +1043,7 @@ def audit_test(FP: Tensor, FU: Tensor, procedure: str = DEFAULT_PROCEDURE, k: in
     g = torch.Generator().manual_seed(seed)
     draw = TrialDraw(torch.arange(len(FP)).unsqueeze(0), (len(FP) + torch.arange(len(FU))).unsqueeze(0),
                      (torch.randperm(len(FP), generator=g) % proc.folds).unsqueeze(0), (torch.randperm(len(FU), generator=g) % proc.folds).unsqueeze(0))
-    res = batched_cdi(torch.cat([FP, FU]), FP[:0], draw, k, C, device=device, procedure=proc)
+    res = batched_cdi(torch.cat([FP, FU]), FP[:0], draw, k, C, device=device, procedure=proc, seed=seed)
     out = {"procedure": proc.name, "p": float(res["p"][0]), "t": float(res["t"][0])}
     if permutations:
         out["p_permutation"] = permutation_test(FP, FU, permutations, proc, k, C, seed + 1, device)["p"]
@@ -823,7 +1099,7 @@ def pvalue_curve(members: Tensor, nonmembers: Tensor, sizes: list[int], trials: 
         if n_p - n_bad > len(members) or n_u + n_bad > len(nonmembers) or min(n_p, n_u) < proc.min_set_size:
             continue
         draw = draw_trials(len(members), len(nonmembers), n_p, n_u, trials, proc.folds, contamination, seed + n_p)
-        res = batched_cdi(members, nonmembers, draw, k, C, device=device, procedure=proc)
+        res = batched_cdi(members, nonmembers, draw, k, C, device=device, procedure=proc, seed=seed + n_p)
         n_sp, n_su = _scored_sizes(res)
         power = ttest_power(res["cohen_d"], n_sp, n_su, alpha)
         rows.append({"n_p": n_p, "n_u": n_u, "contamination": contamination, **summarize_pvalues(res["p"]),
@@ -869,7 +1145,7 @@ def null_experiment(nonmembers: Tensor, n_p: int, trials: int = 1000, k: int = 5
         raise RSGMError(f"the null check of procedure '{proc.name}' needs at least {2 * proc.min_set_size} reference samples "
                         f"(|P'| and |U'| >= {proc.min_set_size}); got |P'| = {n_p}, |U'| = {n_u}: add reference samples.")
     draw = draw_trials(0, len(nonmembers), n_p, n_u, trials, proc.folds, contamination=1.0, seed=seed)
-    res = batched_cdi(empty, nonmembers, draw, k, C, device=device, procedure=proc, progress=progress)
+    res = batched_cdi(empty, nonmembers, draw, k, C, device=device, procedure=proc, progress=progress, seed=seed)
     return {"n_p": n_p, "n_u": n_u, "trials": trials, **summarize_pvalues(res["p"]),
             "false_positive_rate": float((res["p"] < alpha).double().mean()), "p_values": res["p"]}
 
