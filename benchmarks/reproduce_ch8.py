@@ -12,7 +12,7 @@ Features are extracted once per target through ``rsgm test`` (``cdi_digits.yaml`
 ``cdi_clid.yaml`` + ``cdi_extract_only.yaml``, and the PIA/PIAN L2 variant via
 ``cdi_pia_l2.yaml``) into ``<run_dir>/<target>_*.safetensors`` and reused; every table is then
 computed from those caches with :mod:`rsgm.privacy.stats` and :mod:`rsgm.privacy.cdi_extras`,
-with the calibrated default procedure (``sequential_stratified``; ``--procedure crossfit`` is
+with the calibrated default procedure (``sequential_permutation``; ``--procedure sequential_stratified`` is its Welch variant, ``--procedure crossfit`` is
 the thesis's own). Rows that need ImageNet / COCO models and a GPU are printed with that reason
 (``configs/cdi_dit256.yaml`` exists and stops in one line without its data).
 """

@@ -26,6 +26,7 @@ config's ``target: {class_path: ..., init_args: ...}``.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -33,6 +34,10 @@ import torch
 from torch import Tensor, nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
+
+
+# diffusers warns on every load that `accelerate` is missing unless told not to use it.
+LOAD_KW = {} if importlib.util.find_spec("accelerate") else {"low_cpu_mem_usage": False}
 
 
 def _require_folder(path: str | Path, what: str, expected: str) -> Path:
@@ -117,7 +122,7 @@ class PixelUNetTarget(DiffusionTarget):
         from diffusers import UNet2DModel
 
         folder = _require_folder(self.path, "pixel diffusion model folder", "a diffusers folder with unet/ and scheduler/ subfolders")
-        self.unet = UNet2DModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
+        self.unet = UNet2DModel.from_pretrained(folder, **LOAD_KW, subfolder="unet", local_files_only=True)
         self.alphas_cumprod = _alphas_cumprod_from_scheduler(folder)
 
     def null_cond(self, batch_size: int):
@@ -150,8 +155,8 @@ class DiTTarget(DiffusionTarget):
             _require_folder(folder / sub, f"DiT '{sub}' subfolder", f"the pipeline's {sub}/ folder")
         torch_dtype = getattr(torch, self.dtype_name)
         self.alphas_cumprod = _alphas_cumprod_from_scheduler(folder)
-        self.transformer = DiTTransformer2DModel.from_pretrained(folder, subfolder="transformer", local_files_only=True, torch_dtype=torch_dtype)
-        self.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True, torch_dtype=torch_dtype)
+        self.transformer = DiTTransformer2DModel.from_pretrained(folder, **LOAD_KW, subfolder="transformer", local_files_only=True, torch_dtype=torch_dtype)
+        self.vae = AutoencoderKL.from_pretrained(folder, **LOAD_KW, subfolder="vae", local_files_only=True, torch_dtype=torch_dtype)
 
     def encode(self, x: Tensor) -> Tensor:
         # The posterior mean, not a sample: the latent of an image should be deterministic.
@@ -190,8 +195,8 @@ class TextUNetTarget(DiffusionTarget):
             raise ImportError("text-conditioned targets need the 'transformers' package for the CLIP text encoder: pip install transformers") from err
         torch_dtype = getattr(torch, self.dtype_name)
         self.alphas_cumprod = _alphas_cumprod_from_scheduler(folder)
-        self.unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True, torch_dtype=torch_dtype)
-        self.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True, torch_dtype=torch_dtype)
+        self.unet = UNet2DConditionModel.from_pretrained(folder, **LOAD_KW, subfolder="unet", local_files_only=True, torch_dtype=torch_dtype)
+        self.vae = AutoencoderKL.from_pretrained(folder, **LOAD_KW, subfolder="vae", local_files_only=True, torch_dtype=torch_dtype)
         self.text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True, torch_dtype=torch_dtype)
         self.tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
 

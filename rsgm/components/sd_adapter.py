@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from rsgm.components.diffusion_adapters import TextUNetTarget, _alphas_cumprod_from_scheduler
+from rsgm.components.diffusion_adapters import LOAD_KW, TextUNetTarget, _alphas_cumprod_from_scheduler
 from rsgm.errors import RSGMError
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -46,8 +46,8 @@ class StableDiffusionTarget(TextUNetTarget):
         dt = getattr(torch, self.dtype_name)
         try:
             self.alphas_cumprod = _alphas_cumprod_from_scheduler(folder)
-            self.unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True, use_safetensors=True, torch_dtype=dt)
-            self.vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True, use_safetensors=True, torch_dtype=dt)
+            self.unet = UNet2DConditionModel.from_pretrained(folder, **LOAD_KW, subfolder="unet", local_files_only=True, use_safetensors=True, torch_dtype=dt)
+            self.vae = AutoencoderKL.from_pretrained(folder, **LOAD_KW, subfolder="vae", local_files_only=True, use_safetensors=True, torch_dtype=dt)
             self.text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True, use_safetensors=True, torch_dtype=dt)
             self.tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
         except OSError as err:  # a component folder without its weights or config
