@@ -9,6 +9,12 @@ class gives the per-token diffusion loss at mask ratio 0.95 and timestep t = 500
 over 64 noise draws that the small head evaluates together (§6.4); ``cfg_*`` uses
 ``loss_null - loss_cond`` per token.
 
+Mitigation (§6.9): for token models N(0, sigma^2) on every returned logit; for MAR-style
+models N(0, sigma^2) on every clean-token prediction the head returns (one fresh draw per
+noise draw, token coordinate and pass), from which the attacker's per-token loss is
+computed (:meth:`rsgm.components.iar.MaskedIAR.head_loss`); the features are recomputed for
+each sigma of the grid (two more backbone passes per sample per sigma for MAR).
+
 All randomness (masks, diffusion noise, mitigation noise) is drawn per sample from a
 generator seeded by the sample's index, so the features do not depend on how samples are
 batched or split across DDP ranks.
@@ -32,7 +38,17 @@ class IARFeatureConfig:
     timestep: int = 500
     draws: int = 64
     logit_noise: tuple[float, ...] = field(default_factory=tuple)  # mitigation: sigma grid (token models)
+    token_noise: tuple[float, ...] = field(default_factory=tuple)  # mitigation: sigma grid (masked models)
     seed: int = 0
+
+    def noise_grid(self, kind: str) -> tuple[float, ...]:
+        """The mitigation's sigma grid for a target of ``kind`` ("token": logits, "masked":
+        continuous tokens); the other kind's grid must be empty."""
+        mine, other, names = (self.logit_noise, self.token_noise, ("logit_noise", "token_noise")) if kind == "token" else \
+            (self.token_noise, self.logit_noise, ("token_noise", "logit_noise"))
+        if other:
+            raise ValueError(f"{names[1]} does not apply to a {kind} target; put the sigma grid in {names[0]} instead.")
+        return tuple(mine)
 
     @property
     def mia(self) -> MIAConfig:
@@ -80,10 +96,22 @@ def masked_model_features(target, x: Tensor, cond: Tensor, index: Tensor, cfg: I
     B, N, D = tokens.shape
     masks = torch.stack([target.random_mask(1, cfg.mask_ratio, generator=per_sample_generator(i, cfg.seed, 101))[0] for i in index.tolist()]).to(tokens.device)
     eps = _noise_like((cfg.draws, N, D), index, cfg.seed, 102).transpose(0, 1).contiguous().to(tokens)
-    loss_c = target.token_losses(tokens, cond, cfg.timestep, masks, eps).double()
-    loss_n = target.token_losses(tokens, target.null_cond(B, cond.device), cfg.timestep, masks, eps).double()
-    feats = _prefixed("cond", loss_features(-loss_c, tokens, cfg.mia)) | _prefixed("cfg", loss_features(loss_n - loss_c, tokens, cfg.mia))
-    return {"features": feats, "noisy": {}, "tokens": tokens.flatten(1), "distance": torch.full((B,), float("nan"), dtype=torch.float64)}
+    null = target.null_cond(B, cond.device)
+    feats = _loss_pair_features(target, tokens, cond, null, masks, eps, cfg)
+    noisy = {}
+    for j, sigma in enumerate(cfg.token_noise):
+        # The defender perturbs every token prediction it returns: each pass and draw gets its own noise.
+        nc, nn_ = (sigma * _noise_like((cfg.draws, N, D), index, cfg.seed, 103 + 2 * j + k).transpose(0, 1).to(tokens) for k in (0, 1))
+        noisy[sigma] = _loss_pair_features(target, tokens, cond, null, masks, eps, cfg, nc, nn_)
+    return {"features": feats, "noisy": noisy, "tokens": tokens.flatten(1), "distance": torch.full((B,), float("nan"), dtype=torch.float64)}
+
+
+def _loss_pair_features(target, tokens, cond, null, masks, eps, cfg: IARFeatureConfig, noise_c=None, noise_n=None) -> dict:
+    """``cond_*`` on minus the conditional per-token loss and ``cfg_*`` on ``loss_null - loss_cond``."""
+    kw = lambda n: {} if n is None else {"token_noise": n}
+    loss_c = target.token_losses(tokens, cond, cfg.timestep, masks, eps, **kw(noise_c)).double()
+    loss_n = target.token_losses(tokens, null, cfg.timestep, masks, eps, **kw(noise_n)).double()
+    return _prefixed("cond", loss_features(-loss_c, tokens, cfg.mia)) | _prefixed("cfg", loss_features(loss_n - loss_c, tokens, cfg.mia))
 
 
 def extract_features(target, x: Tensor, cond: Tensor, index: Tensor, cfg: IARFeatureConfig) -> dict:
