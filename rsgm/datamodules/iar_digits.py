@@ -14,6 +14,8 @@ alike, so the label is no membership oracle) with a fixed seed, and are determin
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import torch
 
@@ -42,7 +44,12 @@ def fine_digit_labels(x: torch.Tensor, y: torch.Tensor, clusters_per_class: int,
 
 
 def all_fine_labels(clusters_per_class: int, seed: int = 0) -> torch.Tensor:
-    """Fine labels of all 1797 digits (clusters on the original 8x8 pixels)."""
+    """Fine labels of all 1797 digits (clusters on the original 8x8 pixels), computed once per process."""
+    return _all_fine_labels(clusters_per_class, seed).clone()
+
+
+@lru_cache(maxsize=4)
+def _all_fine_labels(clusters_per_class: int, seed: int) -> torch.Tensor:
     x, y = digits_images(8)
     return fine_digit_labels(x, y, clusters_per_class, seed)
 
