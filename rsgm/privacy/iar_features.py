@@ -3,8 +3,8 @@
 The target follows the protocol of :mod:`rsgm.components.iar_adapters` (duck-typed here:
 privacy code never imports a model). For a token model one batch costs exactly two
 teacher-forced passes, with the true class and with the null class; every MIA (§6.2) is
-computed from the conditional logits (``cond_*``) and from the CFG difference
-``logits_cond - logits_null`` (``cfg_*``, §6.3). For a MAR-style model one backbone pass per
+computed from the conditional logits (``cond_*``) and from a CFG difference (``cfg_*``, §6.3),
+in the direction set by ``cfg_difference`` (see :func:`cfg_difference_features`). For a MAR-style model one backbone pass per
 class gives the per-token diffusion loss at mask ratio 0.95 and timestep t = 500, averaged
 over 64 noise draws that the small head evaluates together (§6.4); ``cfg_*`` uses
 ``loss_null - loss_cond`` per token.
@@ -27,7 +27,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from rsgm.errors import RSGMError
 from rsgm.privacy.iar_mia import KS, SURP_ENTROPIES, MIAConfig, logit_features, loss_features
+
+
+CFG_DIRECTIONS = ("cond_minus_null", "null_minus_cond")
 
 
 @dataclass
@@ -40,6 +44,11 @@ class IARFeatureConfig:
     logit_noise: tuple[float, ...] = field(default_factory=tuple)  # mitigation: sigma grid (token models)
     token_noise: tuple[float, ...] = field(default_factory=tuple)  # mitigation: sigma grid (masked models)
     seed: int = 0
+    cfg_difference: str = "cond_minus_null"  # or "null_minus_cond" (the authors' code); token models only
+
+    def __post_init__(self) -> None:
+        if self.cfg_difference not in CFG_DIRECTIONS:
+            raise RSGMError(f"cfg_difference '{self.cfg_difference}' is unknown: use one of {', '.join(CFG_DIRECTIONS)}.")
 
     def noise_grid(self, kind: str) -> tuple[float, ...]:
         """The mitigation's sigma grid for a target of ``kind`` ("token": logits, "masked":
@@ -68,6 +77,21 @@ def _prefixed(prefix: str, feats: dict[str, Tensor]) -> dict[str, Tensor]:
     return {f"{prefix}_{k}": v for k, v in feats.items()}
 
 
+def cfg_difference_features(lc: Tensor, ln: Tensor, tokens: Tensor, cfg: IARFeatureConfig) -> dict[str, Tensor]:
+    """The ``cfg_*`` MIAs of one pair of conditional / null logits, higher = member.
+
+    ``cond_minus_null``: every MIA of :func:`logit_features` on d = lc - ln (the thesis' text).
+    ``null_minus_cond``: every MIA on d = ln - lc (the authors' public code), then **negated**.
+    The rule is fixed a priori, never chosen on data: each score of :func:`logit_features` grows
+    with the softmax probability of the true token under its input; a member's true token has
+    a large conditional logit, so under ln - lc it gets a *low* probability, and minus the score
+    is the member-high orientation. softmax(d) and softmax(-d) differ, so the two directions
+    rank samples differently (not a sign flip of each other)."""
+    if cfg.cfg_difference == "cond_minus_null":
+        return logit_features(lc - ln, tokens, cfg.mia)
+    return {k: -v for k, v in logit_features(ln - lc, tokens, cfg.mia).items()}
+
+
 @torch.no_grad()
 def token_model_features(target, x: Tensor, cond: Tensor, index: Tensor, cfg: IARFeatureConfig) -> dict:
     """Features of a token model. Returns ``{"features": {name: (B,)}, "noisy": {sigma:
@@ -76,13 +100,13 @@ def token_model_features(target, x: Tensor, cond: Tensor, index: Tensor, cfg: IA
     tokens = target.tokenize(x)
     lc = target.logits(tokens, cond).double()
     ln = target.logits(tokens, target.null_cond(len(cond), cond.device)).double()
-    feats = _prefixed("cond", logit_features(lc, tokens, cfg.mia)) | _prefixed("cfg", logit_features(lc - ln, tokens, cfg.mia))
+    feats = _prefixed("cond", logit_features(lc, tokens, cfg.mia)) | _prefixed("cfg", cfg_difference_features(lc, ln, tokens, cfg))
     noisy = {}
     for j, sigma in enumerate(cfg.logit_noise):
         # The defender perturbs every logit it returns: both passes get independent noise.
         nc = lc + sigma * _noise_like(lc.shape[1:], index, cfg.seed, 2 * j + 1).to(lc)
         nn_ = ln + sigma * _noise_like(ln.shape[1:], index, cfg.seed, 2 * j + 2).to(ln)
-        noisy[sigma] = _prefixed("cond", logit_features(nc, tokens, cfg.mia)) | _prefixed("cfg", logit_features(nc - nn_, tokens, cfg.mia))
+        noisy[sigma] = _prefixed("cond", logit_features(nc, tokens, cfg.mia)) | _prefixed("cfg", cfg_difference_features(nc, nn_, tokens, cfg))
     distance = 100 - 100 * (lc.argmax(-1) == tokens).double().mean(-1)
     return {"features": feats, "noisy": noisy, "tokens": tokens, "distance": distance}
 
@@ -92,6 +116,8 @@ def masked_model_features(target, x: Tensor, cond: Tensor, index: Tensor, cfg: I
     """Features of a MAR-style model: loss, zlib, min-k% and CAMIA on minus the per-token
     diffusion loss (mask ratio ``cfg.mask_ratio``, timestep ``cfg.timestep``, ``cfg.draws``
     noise draws), conditional and CFG difference; the same mask and noise for both classes."""
+    if cfg.cfg_difference != "cond_minus_null":
+        raise RSGMError("cfg_difference applies to token models only; a masked (MAR-style) target uses loss_null - loss_cond: drop the option.")
     tokens = target.tokenize(x)
     B, N, D = tokens.shape
     masks = torch.stack([target.random_mask(1, cfg.mask_ratio, generator=per_sample_generator(i, cfg.seed, 101))[0] for i in index.tolist()]).to(tokens.device)
