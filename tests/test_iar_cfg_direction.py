@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rsgm.errors import RSGMError
-from rsgm.privacy.iar_features import IARFeatureConfig, token_model_features
+from rsgm.privacy.iar_features import IARFeatureConfig, masked_model_features, token_model_features
 
 # Two images, N = 2 positions, V = 2; every true token is 0. Image A, then image B.
 LC = torch.tensor([[[3.0, 0.0], [1.0, 1.0]], [[1.0, 0.0], [2.0, 0.0]]])
@@ -78,3 +78,9 @@ def test_the_two_directions_rank_differently_and_cond_features_do_not_move():
 def test_unknown_direction_is_a_one_line_error():
     with pytest.raises(RSGMError, match="cfg_difference"):
         IARFeatureConfig(cfg_difference="null-cond")
+
+
+def test_masked_targets_reject_the_option():
+    cfg = IARFeatureConfig(cfg_difference="null_minus_cond")
+    with pytest.raises(RSGMError, match="token models only"):
+        masked_model_features(object(), torch.zeros(1, 1), torch.zeros(1), torch.zeros(1), cfg)
