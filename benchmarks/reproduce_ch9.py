@@ -30,7 +30,7 @@ DM = ["configs/dm_digits.yaml"]
 DM_HARD = ["configs/dm_digits.yaml", "configs/dm_digits_hard.yaml"]
 VS_HARD = ["configs/iar_vs_dm_digits.yaml", "configs/iar_vs_dm_hard.yaml"]
 FITS = {"iar_digits": IAR, "var_digits": ["configs/var_digits.yaml"], "mar_digits": ["configs/mar_digits.yaml"],
-        "iar_digits_hard": HARD, "dm_digits": DM, "dm_digits_hard": DM_HARD,
+        "iar_digits_hard": HARD, "iar_digits_fine": HARD + ["configs/iar_digits_fine.yaml"], "dm_digits": DM, "dm_digits_hard": DM_HARD,
         "dm_digits_hard_long": DM_HARD + ["configs/iar_dm_hard_long.yaml"]}
 MIA = "configs/iar_mia_digits.yaml"
 # row: (models it needs, test configs, thesis model it stands in for)
@@ -39,6 +39,7 @@ ROWS = {
     "next_scale": (["var_digits"], [MIA, "configs/iar_mia_var.yaml"], "VAR-d30"),
     "masked": (["mar_digits"], [MIA, "configs/iar_mia_mar.yaml"], "MAR-H"),
     "raster_hard": (["iar_digits_hard"], [MIA, "configs/iar_mia_hard.yaml"], "RAR-B"),
+    "raster_fine": (["iar_digits_fine"], [MIA, "configs/iar_mia_fine.yaml"], "VAR-d30"),
     "vs_dm": (["iar_digits", "dm_digits"], ["configs/iar_vs_dm_digits.yaml"], "VAR-d30 vs DMs"),
     "vs_dm_hard": (["iar_digits_hard", "dm_digits_hard"], VS_HARD, "VAR-d30 vs DMs"),
     "vs_dm_hard_long": (["iar_digits_hard", "dm_digits_hard_long"], VS_HARD + ["configs/iar_vs_dm_hard_long.yaml"], "VAR-d30 vs DMs"),
@@ -87,7 +88,7 @@ def tables(rows: list[str]) -> None:
     if missing:
         print(f"no results yet for: {', '.join(missing)}\n")
     summ = {row: json.loads((folder / "summary.json").read_text()) for row, folder in found.items()}
-    audits = [row for row in ("raster", "next_scale", "masked", "raster_hard") if row in found]
+    audits = [row for row in ("raster", "next_scale", "masked", "raster_hard", "raster_fine") if row in found]
     for row in audits:
         summ[row] = json.loads((found[row] / "summary.json").read_text())
     print_table("Table 9.5.1: best baseline vs tailored (CFG-difference) MIA, TPR@FPR=1 % (%)",
@@ -105,6 +106,14 @@ def tables(rows: list[str]) -> None:
                 ["rsgm model (thesis model)", "thesis extracted", "rsgm extracted / candidates", "rsgm validation false positives", "threshold"],
                 [[f"{summ[r]['model']} ({ROWS[r][2]})", THESIS_EXTRACTED[ROWS[r][2]], f"{summ[r]['extraction_extracted']} / {summ[r]['extraction_candidates']}",
                   summ[r]["extraction_validation_false_positives"], f"{summ[r]['extraction_threshold']:.3f}"] for r in ext])
+    for r in audits:
+        mit = read_csv(found[r] / "mitigation.csv")
+        if len(mit) > 1:
+            print_table(f"Mitigation (App. D.11): noise sigma vs privacy and utility ({summ[r]['model']})",
+                        ["sigma", "best CFG MIA TPR@1%FPR (%)", "best conditional MIA TPR@1%FPR (%)", "DI min \\|P\\| (all MIAs)", "utility (accuracy)", "feature FID"],
+                        [[m["sigma"], f"{m['mia']}: {pct(m['tpr'])}", f"{m.get('cond_mia', 'n/a')}: {pct(m.get('cond_tpr'))}", m["di_min_P"] or "not reached",
+                          f"{float(m['utility_accuracy']):.3f}" if m["utility_accuracy"] else "n/a", f"{float(m['fid']):.2f}" if m["fid"] else "n/a"] for m in mit],
+                        "thesis: logit noise (VAR / RAR) costs much utility; token noise makes every MAR MIA chance-level (TPR@1%FPR about 1 %) and DI fail at sigma = 0.001.")
     for r in ("vs_dm", "vs_dm_hard", "vs_dm_hard_long"):
         if r not in found:
             continue

@@ -65,6 +65,44 @@ def test_masked_token_losses_nan_outside_mask():
     assert torch.allclose(loss[mask], one[mask], atol=1e-6)  # the mean over draws
 
 
+def test_masked_defended_output_is_noise_on_the_clean_token_prediction():
+    """Hand case: a head that predicts eps_hat = 0 returns x0_hat = x_t / sqrt(abar); the
+    defended API adds n to x0_hat, so the attacker's loss is || (x_t - sqrt(abar) (x0_hat + n))
+    / sqrt(1 - abar) - eps ||^2 averaged over coordinates and draws."""
+    m = MaskedIAR(dim=16, depth=1, head_width=16).eval()
+    torch.nn.init.zeros_(m.head.out.weight), torch.nn.init.zeros_(m.head.out.bias)  # eps_hat = 0
+    tok = m.tokenize(X)
+    mask = m.random_mask(6, 0.95, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    eps, n = torch.randn(3, 6, 16, 4, generator=g), 0.3 * torch.randn(3, 6, 16, 4, generator=g)
+    ab = m.alphas_cumprod[500]
+    x_t = ab.sqrt() * tok + (1 - ab).sqrt() * eps
+    x0 = x_t / ab.sqrt() + n
+    want = ((x_t - ab.sqrt() * x0) / (1 - ab).sqrt() - eps).pow(2).mean(-1).mean(0)
+    got = m.token_losses(tok, Y, 500, mask, eps, token_noise=n)
+    torch.testing.assert_close(got[mask], want[mask], rtol=1e-5, atol=1e-6)
+    clean = m.token_losses(tok, Y, 500, mask, eps)
+    torch.testing.assert_close(clean[mask], eps.pow(2).mean(-1).mean(0)[mask])
+    torch.testing.assert_close(m.token_losses(tok, Y, 500, mask, eps, token_noise=torch.zeros_like(n))[mask], clean[mask])
+
+
+def test_masked_mitigation_features_use_the_noise():
+    """Features under token noise differ from the clean ones (they would be equal if the
+    noise were not applied), grow closer as sigma shrinks, and cost two defended passes per sigma."""
+    tgt = BuiltinIARTarget(model=MaskedIAR(dim=16, depth=1, head_width=16).eval())
+    cfg = IARFeatureConfig(draws=8, token_noise=(1e-4, 1.0))
+    out = extract_features(tgt, X, Y, torch.arange(6), cfg)
+    clean, small, big = out["features"]["cond_loss"], out["noisy"][1e-4]["cond_loss"], out["noisy"][1.0]["cond_loss"]
+    assert not torch.allclose(clean, big) and not torch.equal(clean, small)
+    assert (small - clean).abs().max() < 1e-3 * (big - clean).abs().max()
+    assert (big < clean).all()  # noise adds abar / (1 - abar) * sigma^2 to the expected loss: members look less member
+    assert tgt.calls["forward"] == 2 * 6 and tgt.calls["forward_defended"] == 2 * 2 * 6
+    with pytest.raises(ValueError, match="does not apply"):
+        IARFeatureConfig(logit_noise=(1.0,)).noise_grid("masked")
+    with pytest.raises(ValueError, match="does not apply"):
+        IARFeatureConfig(token_noise=(1.0,)).noise_grid("token")
+
+
 @pytest.mark.parametrize("cls", [RasterIAR, ScaleIAR, MaskedIAR])
 def test_export_load_roundtrip_and_call_counts(tmp_path, cls):
     kw = {"dim": 16, "depth": 1} | ({"head_width": 16} if cls is MaskedIAR else {})

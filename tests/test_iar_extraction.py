@@ -4,7 +4,7 @@ that is found in a model trained with it and not in one trained without it."""
 import pytest
 import torch
 
-from rsgm.components.iar import RasterIAR
+from rsgm.components.iar import MaskedIAR, RasterIAR
 from rsgm.components.iar_adapters import BuiltinIARTarget
 from rsgm.datamodules.membership import digits_images
 from rsgm.privacy import iar_extraction as E
@@ -20,6 +20,47 @@ def test_pixel_similarity():
     a = torch.randn(3, 1, 8, 8, dtype=torch.float64)
     assert torch.allclose(E.pixel_similarity(a, 2 * a + 1), torch.ones(3, dtype=torch.float64))
     assert torch.allclose(E.pixel_similarity(a, -a), -torch.ones(3, dtype=torch.float64))
+
+
+class _ConstantMAR:
+    """A masked target whose one-step prediction of every unknown token is 0.5 (hand case)."""
+
+    kind = "masked"
+
+    def __init__(self):
+        self.m = MaskedIAR(dim=16, depth=1, head_width=16).eval()
+        self.random_mask, self.tokenize, self.decode = self.m.random_mask, self.m.tokenize, self.m.decode
+
+    def complete(self, tokens, known, cond, ar_steps=4, generator=None):
+        return torch.where(known.unsqueeze(-1), tokens, torch.full_like(tokens, 0.5))
+
+
+def test_masked_candidate_distance_hand_case():
+    x, y = digits_images()
+    x, y, idx = x[:5], y[:5], torch.arange(5)
+    tgt = _ConstantMAR()
+    d = E.masked_candidate_distance(tgt, x, y, idx, seed=0)
+    t = tgt.tokenize(x)  # (5, 16, 4)
+    from rsgm.privacy.iar_features import per_sample_generator
+
+    for i in range(5):
+        masked = tgt.random_mask(1, 0.95, generator=per_sample_generator(i, 0, 201))[0]
+        assert int(masked.sum()) == 15  # 5 % of 16 tokens left unmasked: one token
+        want = sum(float((t[i, n] - 0.5).pow(2).sum()) for n in range(16) if masked[n])
+        assert abs(float(d[i]) - want) < 1e-9
+    # independent of batching
+    assert torch.equal(torch.cat([E.masked_candidate_distance(tgt, x[s], y[s], idx[s]) for s in (slice(0, 2), slice(2, 5))]), d)
+
+
+def test_masked_prefix_completion_keeps_the_prefix():
+    m = MaskedIAR(dim=16, depth=1, head_width=16).eval()
+    tgt = BuiltinIARTarget(model=m)
+    x, y = digits_images()
+    t = tgt.tokenize(x[:3])
+    sims, gen = E.complete_and_compare(tgt, x[:3], t, y[:3], 4, seed=0)
+    assert sims.shape == (3,) and gen.shape == (3, 1, 8, 8)
+    # the first 4 tokens (2x2 patches in raster order) are the top two pixel rows, kept as given
+    assert torch.allclose(gen[:, :, :2], x[:3, :, :2].clamp(-1, 1))
 
 
 def _train(x, y, steps=250, seed=0):

@@ -51,16 +51,25 @@ def test_module_and_report_end_to_end(tmp_path):
     assert again["best_cfg_tpr"] == summary["best_cfg_tpr"] and again["di_sum_cond_cfg"] == summary["di_sum_cond_cfg"]
 
 
-def test_masked_target_features(tmp_path):
-    res, _ = run(tmp_path, model=MaskedIAR(dim=16, depth=1, head_width=16), utility_per_class=0)
+def test_masked_target_features_and_token_noise(tmp_path):
+    report = IARReport(repeats=3, trials=20, null_trials=50, linear_trials=10, mitigation_repeats=3)
+    res, _ = run(tmp_path, model=MaskedIAR(dim=16, depth=1, head_width=16), utility_per_class=0, callbacks=[report],
+                 feature_options={"token_noise": [0.5]}, extraction={"per_class": 1, "prefix_len": 4})
     assert res["kind"] == "masked" and not any("hinge" in n or "surp" in n for n in res["names"])
-    assert res["calls"]["forward"] == 2 * 71 and res["calls"]["head"] == 2 * 71 * 4
+    assert res["calls"]["forward"] == 2 * 71 and res["calls"]["forward_defended"] == 2 * 71
+    assert res["calls"]["head"] == 2 * 2 * 71 * 4
+    assert res["noisy"][0.5].shape == res["features"].shape and not torch.allclose(res["noisy"][0.5], res["features"], equal_nan=True)
+    ext = json.loads((tmp_path / "iar" / "extraction.json").read_text())
+    assert ext["validation_false_positives"] == 0 and ext["candidates"] == 10  # one per digit class
+    rows = (tmp_path / "iar" / "mitigation.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[2].startswith("0.5,")
 
 
-def test_logit_noise_rejected_for_masked_target():
-    module = IARAttack(target=BuiltinIARTarget(model=MaskedIAR(dim=16, depth=1, head_width=16)), feature_options={"logit_noise": [1.0]})
-    with pytest.raises(ValueError, match="token models only"):
-        module.setup("test")
+def test_noise_grid_of_the_other_kind_rejected():
+    with pytest.raises(ValueError, match="logit_noise does not apply to a masked target"):
+        IARAttack(target=BuiltinIARTarget(model=MaskedIAR(dim=16, depth=1, head_width=16)), feature_options={"logit_noise": [1.0]})
+    with pytest.raises(ValueError, match="token_noise does not apply to a token target"):
+        IARAttack(target=BuiltinIARTarget(model=RasterIAR(dim=16, depth=1)), feature_options={"token_noise": [1.0]})
 
 
 @pytest.mark.slow

@@ -113,7 +113,7 @@ class IARReport(Callback):
             summary.update(self._extraction(trainer, res, folder))
         if res.get("noisy") or res.get("utility"):
             print("IAR report: mitigation ...", flush=True)
-            summary.update(self._mitigation(trainer, res, folder, bt, di))
+            summary.update(self._mitigation(trainer, res, folder, bc, bt, di))
         if res.get("sampling_sweep"):
             _write_csv(folder / "sampling_sweep.csv", [{"setting": json.dumps({k: v for k, v in row.items() if k not in ("accuracy", "fid")}),
                                                         "utility_accuracy": row["accuracy"], "fid": row["fid"]} for row in res["sampling_sweep"]])
@@ -151,16 +151,19 @@ class IARReport(Callback):
             save_figure(trainer, fig, "iar_extraction")
         return {f"extraction_{k}": v for k, v in info.items()}
 
-    def _mitigation(self, trainer, res, folder, best_cfg, di) -> dict:
+    def _mitigation(self, trainer, res, folder, best_cond, best_cfg, di) -> dict:
+        """Per sigma: the best CFG-difference MIA (``mia``, ``tpr``) and the best conditional one
+        (``cond_mia``, ``cond_tpr``), each chosen on validation, and DI with all MIAs."""
         names, y = res["names"], res["is_member"]
         util = res.get("utility", {})
-        rows = [{"sigma": 0.0, "mia": best_cfg.name, "tpr": best_cfg.tpr_mean, "di_min_P": di["sum_cond_cfg"],
-                 "utility_accuracy": util.get(0.0, {}).get("accuracy"), "fid": util.get(0.0, {}).get("fid")}]
+        rows = [{"sigma": 0.0, "mia": best_cfg.name, "tpr": best_cfg.tpr_mean, "cond_mia": best_cond.name, "cond_tpr": best_cond.tpr_mean,
+                 "di_min_P": di["sum_cond_cfg"], "utility_accuracy": util.get(0.0, {}).get("accuracy"), "fid": util.get(0.0, {}).get("fid")}]
         for sigma, Fs in res.get("noisy", {}).items():
-            b = best_of(self.mia(names, Fs.double(), y, self.mitigation_repeats), "cfg_")
+            results = self.mia(names, Fs.double(), y, self.mitigation_repeats)
+            b, bc = best_of(results, "cfg_"), best_of(results, "cond_")
             size, _ = D.min_suspect_size(Fs[y.bool()].double(), Fs[~y.bool()].double(), "sum", trials=self.trials, alpha=self.alpha, seed=self.seed)
-            rows.append({"sigma": sigma, "mia": b.name, "tpr": b.tpr_mean, "di_min_P": size, "utility_accuracy": util.get(sigma, {}).get("accuracy"),
-                         "fid": util.get(sigma, {}).get("fid")})
+            rows.append({"sigma": sigma, "mia": b.name, "tpr": b.tpr_mean, "cond_mia": bc.name, "cond_tpr": bc.tpr_mean, "di_min_P": size,
+                         "utility_accuracy": util.get(sigma, {}).get("accuracy"), "fid": util.get(sigma, {}).get("fid")})
         _write_csv(folder / "mitigation.csv", rows)
         if 0.0 in util:
             from rsgm.lightning_modules.iar import grid_figure
@@ -184,7 +187,7 @@ class IARReport(Callback):
             a2.yaxis.set_minor_formatter(NullFormatter())
         fig.tight_layout()
         save_figure(trainer, fig, "iar_mitigation")
-        out = {f"mitigation_sigma{r['sigma']:g}_{k}": r[k] for r in rows for k in ("tpr", "di_min_P", "utility_accuracy", "fid")}
+        out = {f"mitigation_sigma{r['sigma']:g}_{k}": r[k] for r in rows for k in ("tpr", "cond_tpr", "di_min_P", "utility_accuracy", "fid")}
         out["fid_real_floor"] = res.get("fid_real")
         return out
 

@@ -305,20 +305,32 @@ class MaskedIAR(nn.Module):
         h = torch.cat([self.cond.emb(cond).unsqueeze(1), h], 1) + self.pos
         return self.backbone(h)[:, 1:]
 
-    def head_loss(self, tokens: Tensor, z: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-        """Per-token diffusion loss (..., N) for noise ``eps`` at timesteps ``t`` (..., N)."""
+    def head_loss(self, tokens: Tensor, z: Tensor, t: Tensor, eps: Tensor, token_noise: Tensor | None = None) -> Tensor:
+        """Per-token diffusion loss (..., N) for noise ``eps`` at timesteps ``t`` (..., N).
+
+        ``token_noise`` (same shape as ``eps``): the defended output (mitigation, §6.9). The
+        head's prediction is returned as a clean token ``x0_hat = (x_t - sqrt(1-abar) eps_hat)
+        / sqrt(abar)`` plus this noise, and the loss is computed from the noise prediction it
+        implies, ``eps_hat' = (x_t - sqrt(abar) (x0_hat + n)) / sqrt(1-abar) = eps_hat -
+        sqrt(abar / (1-abar)) n``: the same N(0, sigma^2) on the continuous tokens that
+        sampling with ``token_noise`` adds."""
         ab = self.alphas_cumprod[t].unsqueeze(-1)
         x_t = ab.sqrt() * tokens + (1 - ab).sqrt() * eps
-        return (self.head(x_t, t, z) - eps).pow(2).mean(-1)
+        eps_hat = self.head(x_t, t, z)
+        if token_noise is not None:
+            eps_hat = eps_hat - (ab / (1 - ab)).sqrt() * token_noise
+        return (eps_hat - eps).pow(2).mean(-1)
 
-    def token_losses(self, tokens: Tensor, cond: Tensor, t: int | Tensor, mask: Tensor, eps: Tensor) -> Tensor:
+    def token_losses(self, tokens: Tensor, cond: Tensor, t: int | Tensor, mask: Tensor, eps: Tensor,
+                     token_noise: Tensor | None = None) -> Tensor:
         """Per-token diffusion loss (B, N) at timestep ``t``, averaged over the noise draws
         ``eps`` (draws, B, N, D); NaN where the token is not masked. One backbone call; the
-        head runs once on all draws together."""
+        head runs once on all draws together. ``token_noise`` (draws, B, N, D): noise on the
+        head's clean-token prediction of each draw (the defended API, see :meth:`head_loss`)."""
         z = self.encode(tokens, cond, mask)
         K, (B, N, D) = eps.shape[0], tokens.shape
         tt = torch.as_tensor(t, device=tokens.device).long().expand(K, B, N)
-        loss = self.head_loss(tokens.expand(K, B, N, D), z.expand(K, B, N, z.shape[-1]), tt, eps).mean(0)
+        loss = self.head_loss(tokens.expand(K, B, N, D), z.expand(K, B, N, z.shape[-1]), tt, eps, token_noise).mean(0)
         return torch.where(mask, loss, torch.full_like(loss, float("nan")))
 
     def loss(self, images: Tensor, cond: Tensor, train: bool = True) -> Tensor:

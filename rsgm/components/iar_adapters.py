@@ -13,9 +13,11 @@ Masked continuous-token models (MAR, rsgm's masked IAR), ``kind = "masked"``:
 
 * ``tokenize`` / ``decode`` as above, tokens (B, N, D) float;
 * ``random_mask(B, ratio, generator) -> (B, N) bool`` (True = masked);
-* ``token_losses(tokens, cond, t, mask, eps) -> (B, N)``: the per-token diffusion loss of
-  eq. 9.3 at timestep ``t``, averaged over the noise draws ``eps`` (draws, B, N, D) (NaN where
-  unmasked); one backbone pass per call;
+* ``token_losses(tokens, cond, t, mask, eps, token_noise=None) -> (B, N)``: the per-token
+  diffusion loss of eq. 9.3 at timestep ``t``, averaged over the noise draws ``eps`` (draws,
+  B, N, D) (NaN where unmasked); one backbone pass per call. ``token_noise`` (draws, B, N, D)
+  is the mitigation: the defended API returns the head's clean-token prediction plus this
+  noise, and the loss is computed from the noise prediction that implies;
 * ``complete(tokens, known, cond) -> tokens``: fill the unknown tokens.
 
 Every adapter counts its network calls in ``calls`` (samples passed through the backbone),
@@ -121,16 +123,20 @@ class BuiltinIARTarget(IARTarget):
         self.calls["forward"] += tokens.shape[0]
         return self.model.logits(tokens, cond)
 
-    def complete(self, prefix: Tensor, cond: Tensor, **kw) -> Tensor:
-        return self.model.complete(prefix, cond, **kw)
+    def complete(self, *args, **kw) -> Tensor:
+        """Token models: ``complete(prefix, cond)``; masked models: ``complete(tokens, known, cond)``."""
+        self.calls["complete"] += args[0].shape[0]
+        return self.model.complete(*args, **kw)
 
     def random_mask(self, B: int, ratio, generator=None, device=None) -> Tensor:
         return self.model.random_mask(B, ratio, generator, device)
 
-    def token_losses(self, tokens: Tensor, cond: Tensor, t, mask: Tensor, eps: Tensor) -> Tensor:
-        self.calls["forward"] += tokens.shape[0]
+    def token_losses(self, tokens: Tensor, cond: Tensor, t, mask: Tensor, eps: Tensor, token_noise: Tensor | None = None) -> Tensor:
+        # passes of the defended (noisy) API are counted apart: they are the mitigation's, not the MIAs'
+        key = "forward" if token_noise is None else "forward_defended"
+        self.calls[key] += tokens.shape[0]
         self.calls["head"] += tokens.shape[0] * eps.shape[0]
-        return self.model.token_losses(tokens, cond, t, mask, eps)
+        return self.model.token_losses(tokens, cond, t, mask, eps, token_noise)
 
     def sample(self, cond: Tensor, **kw) -> Tensor:
         return self.model.sample(cond, **kw)

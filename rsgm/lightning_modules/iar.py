@@ -18,10 +18,13 @@ from torch import nn
 from rsgm.utils.figures import plt, save_figure
 
 
-def sample_grid(model: nn.Module, num_classes: int = 10, per_class: int = 8, seed: int = 0) -> torch.Tensor:
-    """(num_classes * per_class, 1, H, W) samples, class c in row c, drawn with a fixed seed."""
+def sample_grid(model: nn.Module, rows: int = 10, per_class: int = 8, seed: int = 0) -> torch.Tensor:
+    """(rows * per_class, 1, H, W) samples drawn with a fixed seed; row r shows class
+    r * (K // rows) of the model's K classes (K = 10 digits: row r is digit r; with the fine
+    labels of ``iar_digits_fine.yaml``, the largest cluster of digit r)."""
     g = torch.Generator().manual_seed(seed)
-    cond = torch.arange(num_classes).repeat_interleave(per_class)
+    step = max(getattr(model, "num_classes", rows) // rows, 1)
+    cond = (torch.arange(rows) * step).repeat_interleave(per_class)
     was = model.training
     model.eval()
     x = model.sample(cond, generator=g)

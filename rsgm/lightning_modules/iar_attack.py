@@ -37,8 +37,10 @@ class IARAttack(LightningModule):
     """Args:
         target: the audited IAR behind the adapter protocol.
         feature_options: overrides of :class:`IARFeatureConfig` (ks, mask_ratio, timestep, draws,
-            logit_noise = the mitigation sigma grid, seed).
-        extraction: {per_class, prefix_len, sscd_path} or null to skip (token models only).
+            seed, and the mitigation sigma grid: logit_noise for token models, token_noise for
+            masked ones).
+        extraction: {per_class, prefix_len, sscd_path} or null to skip (token models: greedy
+            completion; masked models: 5 %-unmasked one-step candidates, sampled completion).
         utility_per_class: generated digits per class for the utility of each sigma (0: skip);
             utility = digits-classifier accuracy and feature-space FID (MLP hidden layer).
         utility_sampling: the target's sampling options for the utility samples, e.g.
@@ -59,11 +61,13 @@ class IARAttack(LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["target", "reference_dm"])
         opts = dict(feature_options or {})
-        opts["logit_noise"] = tuple(opts.get("logit_noise", ()))
+        for key in ("logit_noise", "token_noise"):
+            opts[key] = tuple(opts.get(key, ()))
         self.cfg = IARFeatureConfig(**opts)
         self.target, self.reference_dm = target, reference_dm
+        self.sigmas = self.cfg.noise_grid(target.kind)  # the mitigation grid: logits or continuous tokens
         self.collected = MembershipFeatures()
-        self.noisy = nn.ModuleList(MembershipFeatures() for _ in self.cfg.logit_noise)
+        self.noisy = nn.ModuleList(MembershipFeatures() for _ in self.sigmas)
         self.aux = MembershipFeatures()  # distance, class, image pixels, tokens per sample
         self.dm = MembershipFeatures()
         self.names: list[str] | None = None
@@ -75,8 +79,6 @@ class IARAttack(LightningModule):
         self.target.load()
         if self.reference_dm is not None:
             self.reference_dm.load()
-        if self.cfg.logit_noise and self.target.kind != "token":
-            raise ValueError("logit_noise (the logit mitigation) applies to token models only; remove it for a masked (MAR-style) target.")
 
     def test_step(self, batch, batch_idx):
         if self.hparams.features_cache:
@@ -87,7 +89,7 @@ class IARAttack(LightningModule):
         stack = lambda d: torch.stack([d[n] for n in self.names], 1)
         args = (batch["is_member"], index, batch.get("in_suspect"))
         self.collected.update(stack(out["features"]), *args)
-        for metric, sigma in zip(self.noisy, self.cfg.logit_noise):
+        for metric, sigma in zip(self.noisy, self.sigmas):
             metric.update(stack(out["noisy"][sigma]), *args)
         aux = torch.cat([out["distance"].view(-1, 1), cond.view(-1, 1).double(), x.flatten(1).double(), out["tokens"].flatten(1).double()], 1)
         self.aux.update(aux, *args)
@@ -127,7 +129,7 @@ class IARAttack(LightningModule):
         shape = self.trainer.datamodule.dataset[0]["x"].shape
         self.results = {"names": self.names, **{k: v.cpu() for k, v in res.items()}, "label": self.hparams.label,
                         "kind": self.target.kind, "config": vars(self.cfg),
-                        "noisy": {s: m.compute()["features"].cpu() for s, m in zip(self.cfg.logit_noise, self.noisy)},
+                        "noisy": {s: m.compute()["features"].cpu() for s, m in zip(self.sigmas, self.noisy)},
                         "distance": aux[:, 0], "cond": aux[:, 1].long(), "images": aux[:, 2:2 + n_pix].float().view(-1, *shape),
                         "calls": dict(self.target.calls)}
         tokens = aux[:, 2 + n_pix:]
@@ -146,11 +148,14 @@ class IARAttack(LightningModule):
     def _generate_parts(self) -> None:
         """Extraction and generation utility: the steps that call the network again."""
         r, opts = self.results, self.hparams.extraction
-        if opts is not None and self.target.kind == "token":
+        if opts is not None:
             member, val = r["is_member"].bool(), ~r["is_member"].bool()
-            part = lambda m: {"images": r["images"][m], "tokens": r["tokens"][m], "cond": r["cond"][m], "distance": r["distance"][m]}
+            tokens = r["tokens"] if self.target.kind == "token" else self.target.tokenize(r["images"])
+            if self.target.kind != "token":  # MAR candidates: 5 % unmasked, 95 % predicted in one step
+                r["distance"] = E.masked_candidate_distance(self.target, r["images"], r["cond"], r["index"], seed=self.cfg.seed)
+            part = lambda m: {"images": r["images"][m], "tokens": tokens[m], "cond": r["cond"][m], "distance": r["distance"][m]}
             sim = E.load_sscd(opts.get("sscd_path"))
-            ext = E.extract(self.target, part(member), part(val), opts.get("per_class", 5), opts.get("prefix_len", 16), sim)
+            ext = E.extract(self.target, part(member), part(val), opts.get("per_class", 5), opts.get("prefix_len", 16), sim, seed=self.cfg.seed)
             r["extraction"] = ext
             r["extraction_originals"] = r["images"][member][ext.extracted]
         if self.hparams.utility_per_class:
@@ -158,8 +163,7 @@ class IARAttack(LightningModule):
             clf, net = fit_digit_classifier(r["images"], r["cond"]), fit_feature_net(r["images"], r["cond"], seed=self.cfg.seed)
             real = hidden_features(net, r["images"])
             fid = lambda x: feature_fid(real, hidden_features(net, x))
-            sigmas = (0.0, *self.cfg.logit_noise) if self.target.kind == "token" else (0.0,)
-            r["utility"] = {s: generation_utility(self.target, clf, n, s, seed=self.cfg.seed, sampling=self.hparams.utility_sampling) for s in sigmas}
+            r["utility"] = {s: generation_utility(self.target, clf, n, s, seed=self.cfg.seed, sampling=self.hparams.utility_sampling) for s in (0.0, *self.sigmas)}
             for u in r["utility"].values():
                 u["fid"] = fid(u["samples"])
             r["sampling_sweep"] = []
