@@ -2,12 +2,12 @@
 with the Monte-Carlo row (two independent simulator runs compared with each other).
 
     python benchmarks/reproduce.py --chapter 5                                  # defaults below
-    python benchmarks/reproduce.py --chapter 5 -- --budget-s 120 --seeds 0 1 --mc-seeds 0 1 2 3 4
+    python benchmarks/reproduce.py --chapter 5 -- --max-steps 75 --seeds 0 1 --mc-seeds 0 1 2 3 4
     python benchmarks/reproduce_ch5.py --mc-only                                # the Monte-Carlo row alone
 
-The model rows are ``benchmarks/expertsim_table.py`` (same rows, same fixed CPU budget per
-run, its own arguments: ``--budget-s``, ``--seeds``, ``--n-synthetic``, ``--rows``, ... pass
-through). The Monte-Carlo row re-simulates the test split's conditions with the built-in
+The model rows are ``benchmarks/expertsim_table.py`` (same rows, same training budget per
+run, its own arguments: ``--max-steps`` (training batches, load-independent), ``--budget-s``
+(seconds, load-dependent), ``--seeds``, ``--n-synthetic``, ``--rows``, ... pass through). The Monte-Carlo row re-simulates the test split's conditions with the built-in
 simulator under independent seeds and compares them with the test responses by the same
 channel W1 (``rsgm.metrics.monte_carlo.monte_carlo_w1``): the best W1 any model can reach
 on that data. Rows ``expertsim_pixel_distance`` and ``expertsim_aux_pixels`` are the
@@ -75,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     title = f"Table 5.4.2: channel W1 (neutron), synthetic ZDC, {args.n_synthetic} samples"
     if not args.mc_only:
         rows = [] if "--rows" in rest else ["--rows", *DEFAULT_ROWS]
+        table = importlib.import_module("expertsim_table")
         table_args, results = run_expertsim_table([*rows, "--n-synthetic", str(args.n_synthetic), *rest])
-        title += f", {table_args.budget_s} s training per run, seeds {table_args.seeds}"
+        title += f", {table.budget_text(table_args)}, seeds {table_args.seeds}"
     mc = monte_carlo_row(args.n_synthetic, 0, args.mc_seeds)
     lines = []
     for row, rs in results.items():
