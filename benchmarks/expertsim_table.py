@@ -102,7 +102,7 @@ def run_row(row: str, seed: int, args: argparse.Namespace, root: Path) -> dict:
     rsgm(["fit", *common, *budget_args(args), "--trainer.limit_val_batches", "0", *args.rsgm_args])
     fit_dir = max((root / f"{row}-s{seed}").glob("fit-*"))
     ckpt = fit_dir / "checkpoints" / "last.ckpt"
-    loops = torch.load(ckpt, map_location="cpu", weights_only=False)["loops"]
+    loops = torch.load(ckpt, map_location="cpu", weights_only=True)["loops"]
     steps = int(loops["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"])  # training batches
     if args.max_steps and steps != args.max_steps:
         raise RuntimeError(f"{row} seed {seed} trained {steps} batches, not --max-steps {args.max_steps}")
