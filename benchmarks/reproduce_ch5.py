@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = [] if "--rows" in rest else ["--rows", *DEFAULT_ROWS]
         table = importlib.import_module("expertsim_table")
         table_args, results = run_expertsim_table([*rows, "--n-synthetic", str(args.n_synthetic), *rest])
+        if any(row in THESIS_55 for row in table_args.rows):
+            title = title.replace("Table 5.4.2", "Tables 5.4.2, 5.5.2 and 5.5.3")
         title += f", {table.budget_text(table_args)}, seeds {table_args.seeds}"
     mc = monte_carlo_row(args.n_synthetic, 0, args.mc_seeds)
     lines = []
