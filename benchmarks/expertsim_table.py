@@ -1,9 +1,11 @@
 """ExpertSim against the single-model baselines on the synthetic ZDC (thesis Tables 5.4.2,
-5.5.1 and 5.5.3) under one fixed CPU budget.
+5.5.1 and 5.5.3) under one fixed training budget.
 
-Every row is a base config from ``configs/`` plus its overlay (``ROWS``) run through the ``rsgm`` command: ``fit`` for
-``--budget-s`` seconds of training (``trainer.max_time``), then ``test`` on the whole test
-split. All rows share the data (same simulator seed and split), the compact generator
+Every row is a base config from ``configs/`` plus its overlay (``ROWS``) run through the ``rsgm`` command: ``fit``
+for ``--max-steps`` training batches (load-independent: every model gets the same number of
+generator updates; ``BatchBudget`` turns it into ``trainer.max_steps``) or, without it, for
+``--budget-s`` seconds of training (``trainer.max_time``: how far a model gets then depends on
+the machine's load), then ``test`` on the whole test split. All rows share the data (same simulator seed and split), the compact generator
 (``--width``), the learning rates and the evaluation; only the model seed changes between
 repetitions. The table gives the mean channel W1 (and per intensity quartile), the
 classifier AUC on pixels and on high-level features (0.5 = indistinguishable), FPD and KPD
@@ -11,24 +13,27 @@ classifier AUC on pixels and on high-level features (0.5 = indistinguishable), F
 smallest expert share and the experts' mean generated intensities (Table 5.5.1); each seed's line
 also gives the mean real intensity of the conditions routed to each expert.
 
+    python benchmarks/expertsim_table.py --max-steps 200 --seeds 0 1 2
     python benchmarks/expertsim_table.py --budget-s 300 --seeds 0 1 2
     python benchmarks/expertsim_table.py --rows zdc_gan expertsim expertsim_no_ldiff expertsim_no_lutil
 
 Any further ``--section.key value`` arguments go last to every ``rsgm`` call, e.g.
 ``--model.expert_loss_routing raw`` (ExpertSim rows only then), or
-``--trainer.max_epochs 4 --budget-s 36000`` to compare rows at equal training length.
+``--trainer.max_epochs 4 --budget-s 36000`` to compare whole epochs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
 from tqdm.auto import tqdm
 
 from rsgm.cli import main as rsgm
@@ -49,6 +54,40 @@ DEFAULT_ROWS = ["zdc_gan", "zdc_sdigan", "zdc_sdigan_ir", "zdc_sdigan_ir_ar", "e
                 "expertsim_no_lutil"]
 
 
+class BatchBudget(Callback):
+    """Train for ``batches`` training batches, whatever the machine's load.
+
+    Both ZDC modules optimise manually, and under manual optimisation Lightning's
+    ``trainer.max_steps`` counts every ``optimizer.step()``: each training batch steps every
+    optimizer once (discriminator, generator, the aux regressor where there is one and
+    ExpertSim's router), so ``max_steps`` is ``batches`` times the number of optimizers, and
+    ``batches`` is the number of generator updates. ``max_epochs`` becomes the epochs those
+    batches span, so epoch-based schedules (ExpertSim's Gumbel temperature, annealed over
+    ``max_epochs``) run their whole course.
+    """
+
+    def __init__(self, batches: int) -> None:
+        self.batches = batches
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        per_batch = 1 if pl_module.automatic_optimization else len(trainer.optimizers)
+        trainer.fit_loop.epoch_loop.max_steps = self.batches * per_batch
+        trainer.fit_loop.max_epochs = math.ceil(self.batches / trainer.num_training_batches)
+
+
+def budget_args(args: argparse.Namespace) -> list[str]:
+    """The ``rsgm fit`` arguments of the training budget: ``--max-steps`` batches when given,
+    else ``--budget-s`` seconds."""
+    if args.max_steps:
+        return ["--trainer.callbacks+=expertsim_table.BatchBudget", f"--trainer.callbacks.batches={args.max_steps}"]
+    return ["--trainer.max_epochs", "10000", "--trainer.max_time", _max_time(args.budget_s)]
+
+
+def budget_text(args: argparse.Namespace) -> str:
+    return (f"{args.max_steps} training batches (generator updates) per run" if args.max_steps
+            else f"{args.budget_s} s training per run (wall clock)")
+
+
 def run_row(row: str, seed: int, args: argparse.Namespace, root: Path) -> dict:
     expert = row.startswith("expertsim")
     configs = [a for c in ROWS[row] for a in ("--config", str(CONFIGS / c))]
@@ -60,12 +99,13 @@ def run_row(row: str, seed: int, args: argparse.Namespace, root: Path) -> dict:
     if expert:
         common += ["--model.lr_router", str(args.lr_router)]
     os.environ.pop("RSGM_RUN_DIR", None)
-    rsgm(["fit", *common, "--trainer.max_epochs", "10000", "--trainer.max_time", _max_time(args.budget_s),
-          "--trainer.limit_val_batches", "0", *args.rsgm_args])
+    rsgm(["fit", *common, *budget_args(args), "--trainer.limit_val_batches", "0", *args.rsgm_args])
     fit_dir = max((root / f"{row}-s{seed}").glob("fit-*"))
     ckpt = fit_dir / "checkpoints" / "last.ckpt"
-    loops = torch.load(ckpt, map_location="cpu", weights_only=False)["loops"]
+    loops = torch.load(ckpt, map_location="cpu", weights_only=True)["loops"]
     steps = int(loops["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"])  # training batches
+    if args.max_steps and steps != args.max_steps:
+        raise RuntimeError(f"{row} seed {seed} trained {steps} batches, not --max-steps {args.max_steps}")
     os.environ.pop("RSGM_RUN_DIR", None)
     rsgm(["test", *common, "--ckpt_path", str(ckpt), *args.rsgm_args])
     test_dir = max((root / f"{row}-s{seed}").glob("test-*"))
@@ -94,7 +134,10 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=sorted(ROWS), metavar="ROW",
                         help=f"rows to run, from {sorted(ROWS)}")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--budget-s", type=int, default=300, help="training seconds per run (trainer.max_time)")
+    parser.add_argument("--budget-s", type=int, default=300, help="training seconds per run (trainer.max_time); "
+                        "depends on the machine's load: prefer --max-steps")
+    parser.add_argument("--max-steps", type=int, default=0, help="training batches (generator updates) per run; "
+                        "takes precedence over --budget-s")
     parser.add_argument("--n-synthetic", type=int, default=6000)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--width", type=float, default=0.125, help="generator width (1.0 = thesis size)")
@@ -106,6 +149,8 @@ def main() -> None:
     args, args.rsgm_args = parser.parse_known_args()
     if any(a.startswith("--") and not a.startswith(("--model.", "--data.", "--trainer.")) for a in args.rsgm_args):
         parser.error(f"unknown arguments {args.rsgm_args}; only --model.*, --data.* and --trainer.* pass through to rsgm")
+    if args.max_steps < 0 or args.budget_s < 1:
+        parser.error("--max-steps must be >= 0 (0: use --budget-s) and --budget-s >= 1")
     torch.set_num_threads(args.threads)
 
     # Without --out the runs (about 90 MB of checkpoints) go to a temporary folder removed at the end.
@@ -130,7 +175,7 @@ def run_all(args: argparse.Namespace, root: Path) -> dict[str, list[dict]]:
 
 def report(args: argparse.Namespace, results: dict[str, list[dict]], kept: Path | None) -> None:
 
-    print(f"\nsynthetic ZDC neutron, {args.n_synthetic} samples, width {args.width}, {args.budget_s} s training per run, "
+    print(f"\nsynthetic ZDC neutron, {args.n_synthetic} samples, width {args.width}, {budget_text(args)}, "
           f"seeds {args.seeds}")
     header = (f"{'model':<22} {'W1 mean':>14} {'Q1':>8} {'Q2':>8} {'Q3':>8} {'Q4':>8} {'AUC pixels':>15} {'AUC features':>15} "
               f"{'FPD':>17} {'KPD':>19} {'batches':>7} {'min share':>9}  expert mean intensities")

@@ -2,12 +2,12 @@
 with the Monte-Carlo row (two independent simulator runs compared with each other).
 
     python benchmarks/reproduce.py --chapter 5                                  # defaults below
-    python benchmarks/reproduce.py --chapter 5 -- --budget-s 120 --seeds 0 1 --mc-seeds 0 1 2 3 4
+    python benchmarks/reproduce.py --chapter 5 -- --max-steps 75 --seeds 0 1 --mc-seeds 0 1 2 3 4
     python benchmarks/reproduce_ch5.py --mc-only                                # the Monte-Carlo row alone
 
-The model rows are ``benchmarks/expertsim_table.py`` (same rows, same fixed CPU budget per
-run, its own arguments: ``--budget-s``, ``--seeds``, ``--n-synthetic``, ``--rows``, ... pass
-through). The Monte-Carlo row re-simulates the test split's conditions with the built-in
+The model rows are ``benchmarks/expertsim_table.py`` (same rows, same training budget per
+run, its own arguments: ``--max-steps`` (training batches, load-independent), ``--budget-s``
+(seconds, load-dependent), ``--seeds``, ``--n-synthetic``, ``--rows``, ... pass through). The Monte-Carlo row re-simulates the test split's conditions with the built-in
 simulator under independent seeds and compares them with the test responses by the same
 channel W1 (``rsgm.metrics.monte_carlo.monte_carlo_w1``): the best W1 any model can reach
 on that data. Rows ``expertsim_pixel_distance`` and ``expertsim_aux_pixels`` are the
@@ -36,6 +36,12 @@ THESIS_542 = {"zdc_gan": ("GAN", 2.42, 0.041), "zdc_sdigan": ("SDI-GAN", 2.31, 0
               "zdc_sdigan_ir": ("SDI-GAN + IR", 2.04, 0.018), "zdc_sdigan_ir_ar": ("SDI-GAN + IR + AR", 1.89, 0.029),
               "expertsim": ("ExpertSim", 1.34, 0.010)}
 THESIS_MC = (0.34, 0.014)
+# Tables 5.5.2 (number of experts) and 5.5.3 (router weights), neutron column; one number each, no std.
+THESIS_55 = {"expertsim_n2": ("ExpertSim, 2 experts", 1.76), "expertsim_n4": ("ExpertSim, 4 experts", 1.63),
+             "expertsim_n5": ("ExpertSim, 5 experts", 3.12), "expertsim_util0.1": ("ExpertSim, λ_util 0.1", 4.14),
+             "expertsim_util0.001_diff1e-5": ("ExpertSim, λ_util 0.001, λ_diff 1e-5", 2.52),
+             "expertsim_diff1e-3": ("ExpertSim, λ_diff 1e-3", 1.91), "expertsim_diff1e-6": ("ExpertSim, λ_diff 1e-6", 1.74),
+             "expertsim_no_ldiff": ("ExpertSim, L_diff off", 8.01), "expertsim_no_lutil": ("ExpertSim, L_util off", 1.89)}
 DEFAULT_ROWS = [*THESIS_542, "expertsim_pixel_distance", "expertsim_aux_pixels"]
 
 
@@ -75,13 +81,17 @@ def main(argv: list[str] | None = None) -> int:
     title = f"Table 5.4.2: channel W1 (neutron), synthetic ZDC, {args.n_synthetic} samples"
     if not args.mc_only:
         rows = [] if "--rows" in rest else ["--rows", *DEFAULT_ROWS]
+        table = importlib.import_module("expertsim_table")
         table_args, results = run_expertsim_table([*rows, "--n-synthetic", str(args.n_synthetic), *rest])
-        title += f", {table_args.budget_s} s training per run, seeds {table_args.seeds}"
+        if any(row in THESIS_55 for row in table_args.rows):
+            title = title.replace("Table 5.4.2", "Tables 5.4.2, 5.5.2 and 5.5.3")
+        title += f", {table.budget_text(table_args)}, seeds {table_args.seeds}"
     mc = monte_carlo_row(args.n_synthetic, 0, args.mc_seeds)
     lines = []
     for row, rs in results.items():
-        name, mean, std = THESIS_542.get(row, (row, None, None))
-        thesis = f"{mean:.2f} ± {std:.3f}" if mean is not None else "(not in the thesis: docs/expertsim.md)"
+        name, mean, std = THESIS_542.get(row) or (*THESIS_55.get(row, (row, None)), None)
+        thesis = (f"{mean:.2f} ± {std:.3f}" if std is not None else f"{mean:.2f}" if mean is not None
+                  else "(not in the thesis: docs/expertsim.md)")
         lines.append([name, thesis, mean_std([r["w1"] for r in rs]),
                       " / ".join(f"{q:.1f}" for q in np.nanmean([r["q"] for r in rs], 0))])
     lines.append(["Monte-Carlo (two simulator runs)", f"{THESIS_MC[0]:.2f} ± {THESIS_MC[1]:.3f}",
