@@ -37,7 +37,7 @@ def feature_sets(names: list[str], singles: bool) -> dict[str, list[int]]:
 def _print_null(proc: str, name: str, n_p: int, n_u: int, seed, p) -> None:
     c1, c5 = S.null_check(p, 0.01), S.null_check(p, 0.05)
     ok = "yes" if c1["passed"] and c5["passed"] else "NO"
-    print(f"{proc:<22}{name:<12}{n_p:>6}{n_u:>6}{seed!s:>7}{c1['false_positives']:>9}{c5['false_positives']:>9}"
+    print(f"{proc:<24}{name:<12}{n_p:>6}{n_u:>6}{seed!s:>7}{c1['false_positives']:>9}{c5['false_positives']:>9}"
           f"{100 * c1['false_positive_rate']:>9.1f}%{100 * c5['false_positive_rate']:>9.1f}%{c1['ks_pvalue']:>9.2g}  {ok}", flush=True)
 
 
@@ -100,7 +100,7 @@ def main() -> None:
     if len(seeds) > 1:
         print(f"seeds {seeds}: each row {len(seeds)} x {args.trials} trials; pooled counts against the binomial 95 % upper end of "
               f"{len(seeds) * args.trials} trials: {S.binomial_upper(len(seeds) * args.trials, 0.01)} / {S.binomial_upper(len(seeds) * args.trials, 0.05)}")
-    print(f"{'procedure':<22}{'features':<12}{'|P|':>6}{'|U|':>6}{'seed':>7}{'FP@0.01':>9}{'FP@0.05':>9}{'FPR@0.01':>10}{'FPR@0.05':>10}{'KS p':>9}  within")
+    print(f"{'procedure':<24}{'features':<12}{'|P|':>6}{'|U|':>6}{'seed':>7}{'FP@0.01':>9}{'FP@0.05':>9}{'FPR@0.01':>10}{'FPR@0.05':>10}{'KS p':>9}  within")
     for proc in args.procedures:
         for name, n_p, n_u in rows:
             cols = every[name]
@@ -117,13 +117,13 @@ def main() -> None:
     if args.no_power:
         return
     print("\nPower on members (P members, U non-members, |U| = |P|): rejection rate at alpha = 0.01, mean p")
-    print(f"{'procedure':<22}{'features':<12}" + "".join(f"{'|P|=' + str(n):>18}" for n in args.power_sizes))
+    print(f"{'procedure':<24}{'features':<12}" + "".join(f"{'|P|=' + str(n):>18}" for n in args.power_sizes))
     for proc in args.procedures:
         for name in [k for k in ("all", "gray-box", "existing") if k in sets]:
             rows = S.pvalue_curve(members[:, sets[name]], nonmembers[:, sets[name]], args.power_sizes, args.trials, seed=args.seed,
                                   alpha=0.01, progress=False, device=args.device, procedure=proc)
             cells = "".join(f"{100 * r['reject_rate']:>8.1f}% {r['mean_p']:>8.2g}" for r in rows)
-            print(f"{proc:<22}{name:<12}{cells}", flush=True)
+            print(f"{proc:<24}{name:<12}{cells}", flush=True)
 
 
 if __name__ == "__main__":
