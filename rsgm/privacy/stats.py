@@ -147,6 +147,21 @@ COARSE_TOL = 1e-4  # pool solver: float32 Newton steps until the steps are below
 REFRESH_RATE = 0.05  # pool solver: a fit's Hessian is rebuilt while its steps shrink by less than this factor
 
 
+def _scaler_from_moments(m1: Tensor, m0: Tensor, ex2: Tensor) -> tuple[Tensor, Tensor]:
+    """StandardScaler's mean and scale from weighted moments (sum w x, sum w, E[x^2]); a
+    constant column (variance below 1e-12 E[x^2]) gets scale 1, as in StandardScaler."""
+    mu = m1 / m0.unsqueeze(-1)
+    var = (ex2 - mu**2).clamp_min(0)
+    return mu, torch.where(var > 1e-12 * ex2, var.sqrt(), torch.ones_like(var))
+
+
+def _ridge(D: int, device) -> Tensor:
+    """The L2 penalty's Hessian (D, D) on standardised coefficients; the intercept (last) is not penalised."""
+    reg = torch.eye(D, dtype=torch.float64, device=device)
+    reg[-1, -1] = 0.0
+    return reg
+
+
 def _block_lr(X: Tensor, y: Tensor, valid: Tensor, train: Tensor, C: float, max_iter: int = 100, tol: float = 1e-9):
     """The solver behind the CDI statistics: m StandardScaler + L2 logistic regressions per
     design, fitted on unions of row blocks of one shared design matrix.
@@ -176,8 +191,7 @@ def _block_lr(X: Tensor, y: Tensor, valid: Tensor, train: Tensor, C: float, max_
     var = (torch.einsum("mk,tkd->tmd", train, s2) / wsum.unsqueeze(-1) - mu**2).clamp_min(0)
     tiny = (1e-12 * Xf.abs().amax(1, keepdim=True)) ** 2  # constant column (up to round-off): scale 1, as StandardScaler
     sc = torch.where(var > tiny, var.sqrt(), torch.ones_like(var))
-    reg = torch.eye(d + 1, dtype=dt, device=dev)
-    reg[-1, -1] = 0.0  # the intercept is not penalised
+    reg = _ridge(d + 1, dev)
     beta = torch.zeros(T, m, d, dtype=dt, device=dev)
     b0 = torch.zeros(T, m, dtype=dt, device=dev)
     z = torch.zeros(T, m, N, dtype=dt, device=dev)
@@ -293,13 +307,10 @@ def _pool_lr(X: Tensor, W1: Tensor, Wt: Tensor, C: float, max_iter: int = 100, t
     mom = torch.matmul(Wt.double(), torch.cat([Xa, X * X], -1))  # exact float64 moments: standardisation
     m1, m0, ex2 = mom[..., :d], mom[..., d], mom[..., d + 1:] / mom[..., d : d + 1]
     del mom
-    mu = m1 / m0.unsqueeze(-1)
-    var = (ex2 - mu**2).clamp_min(0)
-    sc = torch.where(var > 1e-12 * ex2, var.sqrt(), torch.ones_like(var))  # constant column: scale 1, as StandardScaler
+    mu, sc = _scaler_from_moments(m1, m0, ex2)
     W1X = torch.matmul(W1.double(), Xa)
     fit = {"w1x": W1X[..., :d], "w1s": W1X[..., d], "w0x": m1 - W1X[..., :d], "w0s": m0 - W1X[..., d], "mu": mu, "sc": sc}
-    reg = torch.eye(d + 1, dtype=dt, device=dev)
-    reg[-1, -1] = 0.0  # the intercept is not penalised
+    reg = _ridge(d + 1, dev)
     Wt = Wt.float()
     M2, c1, c0 = curvature(Wt, None)
     state = {"beta": torch.zeros(*Wt.shape[:2], d, dtype=dt, device=dev), "b0": torch.zeros(Wt.shape[:2], dtype=dt, device=dev),
@@ -447,17 +458,13 @@ def _trial_lr(Xa: Tensor, y: Tensor, starts: list[int], train: Tensor, C: float,
     (T, m, ...) and a (T,) mask of the trials that converged within ``max_iter``.
     """
     T, N, D = Xa.shape
-    d, m, k = D - 1, train.shape[0], train.shape[1]
+    d, m = D - 1, train.shape[0]
     dt, dev = torch.float64, Xa.device
     G = torch.stack([torch.bmm(Xa[:, a:b].transpose(1, 2), Xa[:, a:b]) for a, b in zip(starts[:-1], starts[1:])], 1)  # (T, k, D, D)
     M = torch.einsum("mk,tkab->tmab", train.to(dt), G)  # raw moments of every model's rows
     m0, m1 = M[..., d, d], M[..., :d, d]
-    mu = m1 / m0.unsqueeze(-1)
-    ex2 = torch.diagonal(M[..., :d, :d], dim1=-2, dim2=-1) / m0.unsqueeze(-1)
-    var = (ex2 - mu**2).clamp_min(0)
-    sc = torch.where(var > 1e-12 * ex2, var.sqrt(), torch.ones_like(var))  # constant column: scale 1, as StandardScaler
-    reg = torch.eye(D, dtype=dt, device=dev)
-    reg[-1, -1] = 0.0  # the intercept is not penalised
+    mu, sc = _scaler_from_moments(m1, m0, torch.diagonal(M[..., :d, :d], dim1=-2, dim2=-1) / m0.unsqueeze(-1))
+    reg = _ridge(D, dev)
     LB = _hessian_cholesky(0.25 * M[..., :d, :d], 0.25 * m1, 0.25 * m0, mu, sc, C, reg)
     nBinv = -torch.cholesky_inverse(LB)  # applied as a product: cheaper than a batch of tiny triangular solves
     w = train.to(dt).repeat_interleave(torch.tensor([b - a for a, b in zip(starts[:-1], starts[1:])], device=dev), 1)  # (m, N)
@@ -545,9 +552,7 @@ def _fit_and_score_trial(F: Tensor, draw: TrialDraw, proc: Procedure, C: float) 
     torch.sub(X, X.mean(1, keepdim=True), out=Xa[..., :-1])  # centring per trial: exact one-pass moments, same fits
     Xa[..., -1] = 1.0
     X = Xa[..., :-1]
-    train = torch.zeros(len(proc.train), k, dtype=torch.float64, device=dev)
-    for j, fs in enumerate(proc.train):
-        train[j, list(fs)] = 1.0
+    train = proc.train_matrix(device=dev)
     y = (order < n_p).double()
     beta, b0, mu, sc, ok = _trial_lr(Xa[:, : starts[last]], y[:, : starts[last]], starts[: last + 1], train[:, :last], C)
     v = beta / sc
@@ -593,7 +598,7 @@ class Procedure:
     fold-stratified Welch test of :func:`_statistic` instead of one Welch test on all scored rows.
     ``fold_permutations`` > 0 (with ``per_fold_welch``): instead of Welch's t distribution, each
     scored fold's p-value comes from that many relabelings of its held-out scores
-    (:func:`fold_permutation_statistic`), combined over folds by Stouffer's method."""
+    (:func:`fold_permutation_pvalue`), combined over folds by Stouffer's method."""
 
     name: str
     folds: int
@@ -602,6 +607,13 @@ class Procedure:
     per_fold_welch: bool = False
     description: str = ""
     fold_permutations: int = 0
+
+    def train_matrix(self, dtype: torch.dtype = torch.float64, device=None) -> Tensor:
+        """(models, folds) 0/1: entry (j, f) is 1 when fold f fits model j."""
+        train = torch.zeros(len(self.train), self.folds, dtype=dtype, device=device)
+        for j, fs in enumerate(self.train):
+            train[j, list(fs)] = 1.0
+        return train
 
     @property
     def min_set_size(self) -> int:
@@ -700,9 +712,7 @@ def _fit_and_score(F: Tensor, draw: TrialDraw, proc: Procedure, C: float) -> tup
     Xb = torch.zeros(T, k * bsz, F.shape[1], dtype=torch.float64, device=dev).scatter_(1, slot.unsqueeze(-1).expand_as(X), X)
     yb = torch.zeros(T, k * bsz, dtype=torch.float64, device=dev).scatter_(1, slot, y.gather(1, order))
     vb = torch.zeros(T, k * bsz, dtype=torch.float64, device=dev).scatter_(1, slot, torch.ones_like(y))
-    train = torch.zeros(len(proc.train), k, dtype=torch.float64, device=dev)
-    for j, fs in enumerate(proc.train):
-        train[j, list(fs)] = 1.0
+    train = proc.train_matrix(device=dev)
     beta, b0, mu, sc = _block_lr(Xb.view(T, k, bsz, -1), yb.view(T, k, bsz), vb.view(T, k, bsz), train, C)
     v = beta / sc
     z = torch.bmm(v, Xb.transpose(1, 2)) + (b0 - (mu * v).sum(-1)).unsqueeze(-1)  # (T, m, k*bsz)
@@ -729,9 +739,7 @@ def _fit_and_score_pool(F: Tensor, draw: TrialDraw, proc: Procedure, C: float, l
     X = X - X.mean(0)
     s = X.std(0)
     X = X / torch.where(s > 0, s, torch.ones_like(s))  # the fits are invariant to per-column scaling
-    train = torch.zeros(m, proc.folds, dtype=torch.float32, device=dev)
-    for j, fs in enumerate(proc.train):
-        train[j, list(fs)] = 1.0
+    train = proc.train_matrix(torch.float32, dev)
     src = train[:, fold].transpose(0, 1)  # (T, m, n): 1 where row i fits model j
     y = torch.cat([torch.ones(n_p), torch.zeros(n - n_p)]).to(dev)
     model = torch.tensor(proc.score, device=dev)[fold]  # (T, n)
