@@ -150,8 +150,9 @@ class IARAttack(LightningModule):
         r, opts = self.results, self.hparams.extraction
         if opts is not None:
             member, val = r["is_member"].bool(), ~r["is_member"].bool()
-            tokens = r["tokens"] if self.target.kind == "token" else self.target.tokenize(r["images"])
-            if self.target.kind != "token":  # MAR candidates: 5 % unmasked, 95 % predicted in one step
+            tokens = r["tokens"]
+            if self.target.kind != "token":  # MAR: continuous tokens; candidates 5 % unmasked, 95 % predicted in one step
+                tokens = self.target.tokenize(r["images"])
                 r["distance"] = E.masked_candidate_distance(self.target, r["images"], r["cond"], r["index"], seed=self.cfg.seed)
             part = lambda m: {"images": r["images"][m], "tokens": tokens[m], "cond": r["cond"][m], "distance": r["distance"][m]}
             sim = E.load_sscd(opts.get("sscd_path"))
