@@ -15,8 +15,9 @@ Tables:
    default procedure, the thesis' crossfit, and the exact permutation test (one (P, U) case,
    ``--trials`` relabelings; the difference is over the relabelings' parametric p-values).
 
-Timing on a shared CPU: the loop and the batched solver are timed alternately in one run and
-the load average is printed with every row, so the ratio, not the seconds, is the result.
+Timing on a shared CPU: the loop and the batched solver are timed in turn, ``--stat_repeats``
+rounds per row (medians shown), and the load average is printed with every row, so the ratio,
+not the seconds, is the result.
 The sklearn loop runs with its BLAS at one thread (on a loaded machine two BLAS threads made
 it up to ten times slower, which would flatter the ratio); torch uses ``--threads`` threads
 with ``OMP_WAIT_POLICY=PASSIVE`` (set here unless given: busy-waiting OpenMP threads on an
@@ -87,13 +88,13 @@ def _timed(fn):
 
 def previous_solver(draw, n: int) -> str:
     """The solver ``batched_cdi`` picked before the trial solver: pool when a trial uses at
-    least ``POOL_ABOVE`` of the rows the trials draw from, else gather."""
-    pool_rows = int(torch.unique(torch.cat([draw.idx_p, draw.idx_u], 1)).numel())
+    least ``POOL_ABOVE`` of the rows the trials draw from, else gather (Newton's method)."""
+    pool_rows = S.rows_used(draw, int(max(draw.idx_p.max(), draw.idx_u.max())) + 1)
     return "pool" if n >= S.POOL_ABOVE * pool_rows else "gather"
 
 
 def stats_table(trials: int, loop_trials: int, sizes: list[int], d: int, devices: list[str], procedures: list[str],
-                permutation: bool = True, compare: bool = True) -> list[tuple]:
+                permutation: bool = True, compare: bool = True, repeats: int = 3) -> list[tuple]:
     """Batched statistics on each device vs the straightforward sklearn loop on the same splits
     (and, with ``compare``, the previous batched solver on CPU, timed in the same run)."""
     from threadpoolctl import threadpool_limits
@@ -103,7 +104,8 @@ def stats_table(trials: int, loop_trials: int, sizes: list[int], d: int, devices
     nonmembers = torch.from_numpy(rng.normal(0, 1, (2000, d)))
     print(f"\nResampling statistics: {trials} trials per |P| (|U| = |P|; P from 2000 members, U from 2000 non-members), {d} features, "
           f"torch threads {torch.get_num_threads()}; the sklearn loop (StandardScaler + LogisticRegression per fold model, "
-          f"scipy Welch; BLAS 1 thread) timed on {loop_trials} trials and scaled to {trials}")
+          f"scipy Welch; BLAS 1 thread) timed on {loop_trials} trials and scaled to {trials}; medians of {repeats} rounds, "
+          f"the loop and the batched statistics timed in turn")
     head = "".join(f"{dev + ' wall':>10}{'x loop':>8}{dev + ' cpu':>9}{'x loop':>8}" for dev in devices)
     print("(seconds: wall clock and CPU time of the process, all threads; 'x loop' is the loop's over the batched)")
     if compare:
@@ -124,14 +126,22 @@ def stats_table(trials: int, loop_trials: int, sizes: list[int], d: int, devices
             mem, non = members, nonmembers
         with threadpool_limits(1):
             S.loop_cdi(mem, non, draw[:1], procedure=name)  # warm-up: imports
-            _, t_loop, c_loop = _timed(lambda: S.loop_cdi(mem, non, draw[:loop_trials], procedure=name))
             exact = S.loop_cdi(mem, non, draw[:loop_trials], tol=1e-8, procedure=name)  # same splits, converged
-        t_loop, c_loop = t_loop * trials / loop_trials, c_loop * trials / loop_trials
-        cells, diff, cpu_times = "", 0.0, None
         for dev in devices:
             S.batched_cdi(mem, non, draw[:2], device=dev, procedure=name)  # warm-up
             sync(dev)
-            res, t, c = _timed(lambda: (S.batched_cdi(mem, non, draw, device=dev, procedure=name), sync(dev))[0])
+        # `repeats` rounds, the loop and each device in turn; the medians
+        loops, fasts = [], {dev: [] for dev in devices}
+        for _ in range(repeats):
+            with threadpool_limits(1):
+                loops.append(_timed(lambda: S.loop_cdi(mem, non, draw[:loop_trials], procedure=name))[1:])
+            for dev in devices:
+                fasts[dev].append(_timed(lambda: (S.batched_cdi(mem, non, draw, device=dev, procedure=name), sync(dev))[0]))
+        t_loop, c_loop = (float(np.median([v[i] for v in loops])) * trials / loop_trials for i in (0, 1))
+        cells, diff, cpu_times = "", 0.0, None
+        for dev in devices:
+            res = fasts[dev][0][0]
+            t, c = (float(np.median([v[i] for v in fasts[dev]])) for i in (1, 2))
             fast = res["p"].numpy()
             cells += f"{t:>10.2f}{t_loop / t:>8.1f}{c:>9.2f}{c_loop / c:>8.1f}"
             diff = max(diff, float(np.abs(fast[:loop_trials] - exact).max()))
@@ -158,6 +168,7 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="also |P| = 30 and 300")
     ap.add_argument("--trials", type=int, default=1000)
     ap.add_argument("--loop_trials", type=int, default=20)
+    ap.add_argument("--stat_repeats", type=int, default=3, help="rounds of (loop, batched) timings per row; the medians are shown")
     ap.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000])
     ap.add_argument("--procedures", nargs="+", default=[S.DEFAULT_PROCEDURE, "sequential_stratified", "crossfit"])
     ap.add_argument("--no_permutation", action="store_true", help="skip the permutation-test rows")
@@ -187,7 +198,8 @@ def main() -> None:
         print_features(f"DiT-256 ({args.dit}), batch of 64", feature_table(dit, xs, cls, args.device, 1, max_batch=256))
 
     devices = ["cpu"] + ([args.device] if args.device != "cpu" else [])
-    stats_table(args.trials, args.loop_trials, args.sizes, 26, devices, args.procedures, not args.no_permutation, not args.no_compare)
+    stats_table(args.trials, args.loop_trials, args.sizes, 26, devices, args.procedures, not args.no_permutation, not args.no_compare,
+                args.stat_repeats)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ Everything here is model-agnostic: it takes feature matrices, whatever produced 
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from functools import lru_cache, partial
 
@@ -139,10 +140,9 @@ def batched_logistic_regression(X: Tensor, y: Tensor, w: Tensor, C: float = 1.0,
 SOLVERS = ("auto", "trial", "gather", "pool", "local")
 COARSE_TRIAL = 1e-4  # _trial_lr: float32 products until the MM steps are below this, then float64
 POOL_ALL = 0.75  # batched_cdi, auto: the pool solver (not trial) when a trial uses at least this fraction of the pool's rows
-TRIAL_ROWS_PER_COEF = 2.5  # batched_cdi, auto: the trial solver when the smallest model has this many rows per coefficient
-TRIAL_CHUNK_ELEMENTS = 800_000  # batched_cdi, trial solver: float64 elements of the rows of one chunk of trials (6.4 MB)
+TRIAL_CHUNK_ELEMENTS = 1_600_000  # batched_cdi, trial solver: float64 elements of the rows of one chunk of trials (12.8 MB)
 REFRESH_ABOVE = 1e-3  # a model's Hessian is rebuilt while its largest step exceeds this
-POOL_ABOVE = 0.15  # batched_cdi: the pool solver when a trial uses at least this fraction of the pool's rows
+POOL_ABOVE = 0.15  # the rule before the trial solver (benchmarks/cdi_speed.py compares): pool above this fraction of the rows, else gather
 COARSE_TOL = 1e-4  # pool solver: float32 Newton steps until the steps are below this, then float64
 REFRESH_RATE = 0.05  # pool solver: a fit's Hessian is rebuilt while its steps shrink by less than this factor
 
@@ -433,138 +433,178 @@ def _pool_newton(Xa: Tensor, Wt: Tensor, fit: dict, state: dict, curvature, C: f
     raise RuntimeError(f"{int(idx.numel())} groups of logistic regressions did not converge in {max_iter} iterations.")
 
 
-ANDERSON_MEMORY = 2  # _trial_lr: Anderson acceleration over the last this many MM steps
+ANDERSON_MEMORY = 3  # _trial_lr: Anderson acceleration over the last this many MM steps
 
 
-def _trial_lr(Xa: Tensor, y: Tensor, starts: list[int], train: Tensor, C: float, max_iter: int = 200, tol: float = 1e-9,
+def _trial_lr(Xa: Tensor, y: Tensor, starts: list[int], train: Tensor, C: float, max_iter: int = 200, tol: float = 1e-8,
               trace: list | None = None):
     """StandardScaler + L2 logistic regressions, m per trial, each on a union of fold blocks of
     that trial's own rows: Böhning's majorise-minimise iteration accelerated by Anderson mixing.
 
-    Xa: (T, N, d+1) the trials' rows sorted by fold (fold f at rows starts[f]:starts[f+1] in every
-    trial), centred per trial, with a ones column last; y: (T, N) labels; train: (m, k) 0/1,
-    model j fits the folds with train[j, f] = 1. Minimises sklearn's objective
-    0.5 ||beta||^2 + C sum_i softplus(-(2 y_i - 1) z_i) on the standardised rows.
+    Xa: (T, N, d+1) the trials' rows sorted by fold (fold f at rows starts[f]:starts[f+1] in
+    every trial), with a ones column last; the columns should be roughly centred and scaled
+    (one-pass moments then lose nothing; the fits are invariant to it). y: (T, N) labels;
+    train: (m, k) 0/1, model j fits the folds with train[j, f] = 1. Minimises sklearn's
+    objective 0.5 ||beta||^2 + C sum_i softplus(-(2 y_i - 1) z_i) on the standardised rows.
 
     The curvature of the logistic loss is at most 1/4, so B = C Z'Z / 4 + I (Z: standardised
     rows and ones) bounds every Hessian: the step -B^-1 grad never increases the objective
     (Böhning and Lindsay 1988). B needs no fitted value: it comes from one Gram matrix per fold
-    block (Z'Z of a model is a sum of its folds' blocks, standardised through the moments), so
-    it is built once with a few GEMMs and factored once. Plain MM contracts linearly (about
-    0.3 per step here); Anderson acceleration (type II, over the last ``ANDERSON_MEMORY``
-    steps; a model whose MM step grew forgets its memory) reaches ``tol`` in about 9 steps,
-    each costing two (T, m, N) x (N, d+1) products and no Hessian. The fixed point is where
-    the exact float64 gradient vanishes, i.e. the sklearn optimum. Returns (beta, b0, mu, sc)
-    (T, m, ...) and a (T,) mask of the trials that converged within ``max_iter``.
+    block (Z'Z of a model is a sum of its folds' blocks, standardised through the moments; the
+    Gram in float32, the sums that standardise in float64), so it is built and inverted once.
+    The step is linear in (beta, X'r) (r: the residuals sigmoid(z) - y), so one (d+1) x 2(d+1)
+    matrix per model, built with B, turns them into the step. Plain MM contracts linearly
+    (about 0.3 per step here); Anderson acceleration (type II over the last ``ANDERSON_MEMORY``
+    steps, a model whose step grew forgets its memory) reaches ``tol`` in about 8 steps at
+    |P| = 1000 (15 at |P| = 100, 30 at |P| = 30, where the fits are nearly separable). A step
+    evaluates, per fold block, the logits and X'r of only the models that fit the block (two
+    GEMMs per block), in float32 until the steps are below ``COARSE_TRIAL`` and then in
+    float64. The fixed point is where the exact float64 gradient vanishes, i.e. the sklearn
+    optimum. Returns (beta, b0, mu, sc) (T, m, ...) and a (T,) mask of the trials that converged.
     """
     T, N, D = Xa.shape
     d, m = D - 1, train.shape[0]
     dt, dev = torch.float64, Xa.device
-    G = torch.stack([torch.bmm(Xa[:, a:b].transpose(1, 2), Xa[:, a:b]) for a, b in zip(starts[:-1], starts[1:])], 1)  # (T, k, D, D)
-    M = torch.einsum("mk,tkab->tmab", train.to(dt), G)  # raw moments of every model's rows
-    m0, m1 = M[..., d, d], M[..., :d, d]
-    mu, sc = _scaler_from_moments(m1, m0, torch.diagonal(M[..., :d, :d], dim1=-2, dim2=-1) / m0.unsqueeze(-1))
-    reg = _ridge(D, dev)
-    LB = _hessian_cholesky(0.25 * M[..., :d, :d], 0.25 * m1, 0.25 * m0, mu, sc, C, reg)
-    nBinv = -torch.cholesky_inverse(LB)  # applied as a product: cheaper than a batch of tiny triangular solves
-    w = train.to(dt).repeat_interleave(torch.tensor([b - a for a, b in zip(starts[:-1], starts[1:])], device=dev), 1)  # (m, N)
-    XT = Xa.transpose(1, 2).contiguous()  # (T, D, N): logits as (m, D) x (D, N) products
-    y = y.unsqueeze(1)
-    lo = (XT.to(torch.float32), y.to(torch.float32), w.to(torch.float32)) if COARSE_TRIAL > tol else None
+    spans = list(zip(starts[:-1], starts[1:]))
+    trainf = train.to(dt)
+    X32 = _scratch_tensor("rows32", Xa.shape, torch.float32, dev).copy_(Xa)
+    G = torch.stack([torch.bmm(X32[:, a:b].transpose(1, 2), X32[:, a:b]) for a, b in spans], 1).double()  # (T, k, D, D): bounds only
+    s12 = torch.stack([torch.cat([Xa[:, a:b].sum(1), (Xa[:, a:b] * Xa[:, a:b]).sum(1)], -1) for a, b in spans], 1)  # exact: standardises
+    m1, ex2 = torch.einsum("mk,tkc->tmc", trainf, s12).split(D, -1)
+    m0, m1 = m1[..., d], m1[..., :d]
+    mu, sc = _scaler_from_moments(m1, m0, ex2[..., :d] / m0.unsqueeze(-1))
+    LB = _hessian_cholesky(0.25 * torch.einsum("mk,tkab->tmab", trainf, G[..., :d, :d]), 0.25 * m1, 0.25 * m0, mu, sc, C, _ridge(D, dev))
+    nBinv = -torch.cholesky_inverse(LB)
+    # The gradient in standardised coefficients is P x + C Mt (X'r) (P: the penalty, not on the
+    # intercept; Mt: the chain rule through the standardisation), so the MM step is W (x, X'r).
+    Mt = torch.diag_embed(torch.cat([1 / sc, torch.ones_like(m0).unsqueeze(-1)], -1))
+    Mt[..., :d, d] = -mu / sc
+    W = torch.cat([nBinv[..., :d], torch.zeros_like(nBinv[..., :1]), C * nBinv @ Mt], -1)  # (T, m, D, 2D)
+    work = {dt: [(Xa[:, a:b], Xa[:, a:b].transpose(1, 2), y[:, None, a:b], _index_or_slice(train[:, f])) for f, (a, b) in enumerate(spans)]}
+    work[torch.float32] = [(X32[:, a:b], X32[:, a:b].transpose(1, 2), y_.float(), js) for (a, b), (_, _, y_, js) in zip(spans, work[dt])]
+    work = {k_: [w_ for w_ in v_ if w_[3] is not None] for k_, v_ in work.items()}
+    ga = {k_: torch.empty(T, m, D, dtype=k_, device=dev) for k_ in work}
+    lo = COARSE_TRIAL > tol  # float32 products while the steps are large
     x = torch.zeros(T, m, D, dtype=dt, device=dev)  # standardised coefficients, intercept last
-    coef, grad = torch.empty_like(x), torch.empty_like(x)
-    dXs, dFs, xp, fp, prev = [], [], None, None, None
+    xg = torch.empty(T, m, 2 * D, dtype=dt, device=dev)  # (x, X'r)
+    coef = torch.empty(T, m, D, dtype=dt, device=dev)
+    DX = DF = xp = fp = prev = None
     for _ in range(max_iter):
-        torch.div(x[..., :d], sc, out=coef[..., :d])  # raw coefficients: z = x . coef
-        coef[..., d] = x[..., d] - (mu * coef[..., :d]).sum(-1)
-        XT_, y_, w_ = (XT, y, w) if lo is None else lo  # float32 products while the steps are large
-        r = torch.bmm(coef.to(XT_.dtype), XT_).sigmoid_().sub_(y_).mul_(w_)
-        ga = torch.bmm(XT_, r.transpose(1, 2)).transpose(1, 2).double()
-        torch.addcmul(x[..., :d], ga[..., :d] - ga[..., d:] * mu, 1 / sc, value=C, out=grad[..., :d])
-        grad[..., d] = C * ga[..., d]
-        f = (nBinv * grad.unsqueeze(-2)).sum(-1)  # the MM step (tiny products: elementwise beats batched matmul)
+        torch.div(x[..., :d], sc, out=coef[..., :d])  # raw coefficients: z = x_i . coef
+        torch.sub(x[..., d], torch.linalg.vecdot(mu, coef[..., :d]), out=coef[..., d])
+        pdt = torch.float32 if lo else dt
+        cf, g = coef.to(pdt), ga[pdt].zero_()
+        for Xb, XbT, yb, js in work[pdt]:  # residuals of the models that fit the block
+            r = torch.bmm(cf[:, js], XbT).sigmoid_().sub_(yb)
+            if isinstance(js, slice):
+                g[:, js] += torch.bmm(r, Xb)
+            else:
+                g.index_add_(1, js, torch.bmm(r, Xb))
+        xg[..., :D], xg[..., D:] = x, g
+        f = torch.linalg.vecdot(W, xg.unsqueeze(-2))  # the MM step
         size = f.abs().amax(-1)  # (T, m)
         big = float(size.max())
         if trace is not None:
             trace.append(big)
-        if big < tol and lo is None:
+        if big < tol and not lo:  # one more MM step is free: its error is a fraction of tol
+            x = x + f
             return x[..., :d], x[..., d], mu, sc, torch.ones(T, dtype=torch.bool, device=dev)
-        if big < COARSE_TRIAL and lo is not None:
-            lo = None
-            dXs, dFs = [], []  # differences of float32 steps are noisy at this scale: start the memory afresh
+        if big < COARSE_TRIAL and lo:
+            lo = False
+            DX = xp = None  # differences of float32 steps are noisy at this scale: start the memory afresh
         if xp is not None:
-            dXs.append(x - xp)
-            dFs.append(f - fp)
-            del dXs[:-ANDERSON_MEMORY], dFs[:-ANDERSON_MEMORY]
+            dx, df = (x - xp).unsqueeze(2), (f - fp).unsqueeze(2)
+            DX, DF = (dx, df) if DX is None else (torch.cat([DX[:, :, 1 - ANDERSON_MEMORY:], dx], 2), torch.cat([DF[:, :, 1 - ANDERSON_MEMORY:], df], 2))
             grew = size > prev
             if bool(grew.any()):  # a model's MM step grew: forget its memory (its next step is plain MM)
-                keep = (~grew).to(dt).unsqueeze(-1)
-                dXs, dFs = [v * keep for v in dXs], [v * keep for v in dFs]
+                keep = (~grew).to(dt)[..., None, None]
+                DX, DF = DX * keep, DF * keep
         prev, xp, fp = size, x, f
-        if not dXs:
+        if DX is None:
             x = x + f
             continue
-        gam = _mixing_weights(dFs, f)  # least-squares mixing weights, (T, m) each
-        nx = x + f
-        for g_, dx, df in zip(gam, dXs, dFs):
-            nx -= g_.unsqueeze(-1) * (dx + df)
-        x = torch.where((size < tol).unsqueeze(-1), x, nx)
+        A = DF @ DF.mT  # Anderson's weights: argmin_g ||f - DF' g||, ridge 1e-12 of the trace (0 for a forgotten memory)
+        A.diagonal(dim1=-2, dim2=-1).add_(1e-12 * A.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True) + 1e-100)
+        gam = torch.linalg.solve_ex(A, DF @ f.unsqueeze(-1))[0]  # (T, m, h, 1)
+        x = torch.where((size < tol).unsqueeze(-1), x, x + f - ((DX + DF) * gam).sum(2))
     return x[..., :d], x[..., d], mu, sc, (size < tol).all(-1)
 
 
-def _mixing_weights(dFs: list[Tensor], f: Tensor) -> list[Tensor]:
-    """Anderson's weights: argmin_g ||f - sum_k g_k dF_k|| per model, from the normal equations
-    (a ridge of 1e-12 of their trace; a forgotten memory, dF = 0, gets g = 0). Up to two
-    differences are solved elementwise (a batch of tiny LAPACK calls costs more than the
-    arithmetic), more with torch.linalg.solve."""
-    h = len(dFs)
-    A = [[(dFs[i] * dFs[j]).sum(-1) for j in range(h)] for i in range(h)]
-    b = [(dF * f).sum(-1) for dF in dFs]
-    ridge = 1e-12 * sum(A[i][i] for i in range(h)) + 1e-100
-    if h == 1:
-        return [b[0] / (A[0][0] + ridge)]
-    if h == 2:
-        a, c, e = A[0][0] + ridge, A[0][1], A[1][1] + ridge
-        det = a * e - c * c
-        return [(e * b[0] - c * b[1]) / det, (a * b[1] - c * b[0]) / det]
-    M = torch.stack([torch.stack(row, -1) for row in A], -2)
-    M.diagonal(dim1=-2, dim2=-1).add_(ridge.unsqueeze(-1))
-    return list(torch.linalg.solve(M, torch.stack(b, -1)).unbind(-1))
+def _index_or_slice(mask: Tensor) -> slice | Tensor | None:
+    """The positions where ``mask`` is nonzero, as a slice when they are one run (a view, no
+    copy: sequential folds), else a long tensor; None when there are none."""
+    js = mask.nonzero().squeeze(1)
+    if js.numel() == 0:
+        return None
+    lo, hi = int(js[0]), int(js[-1]) + 1
+    return slice(lo, hi) if hi - lo == js.numel() else js
 
 
-def _fit_and_score_trial(F: Tensor, draw: TrialDraw, proc: Procedure, C: float) -> tuple[Tensor, Tensor]:
+def _fit_and_score_trial(F: Tensor, draw: TrialDraw, proc: Procedure, C: float, Fa: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """As :func:`_fit_and_score`, with each trial's rows sorted by fold (balanced folds: the same
     block boundaries in every trial, no padding) and the solver :func:`_trial_lr`; trials it
-    leaves unconverged are solved again with :func:`_fit_and_score_pool`."""
+    leaves unconverged are solved again with :func:`_fit_and_score_pool`. ``Fa``:
+    :func:`_standardised_with_ones` of F, when the caller has it."""
+    Fa = _standardised_with_ones(F) if Fa is None else Fa
     T, n_p = draw.idx_p.shape
     dev = F.device
     idx = torch.cat([draw.idx_p, draw.idx_u], 1)
     fold = torch.cat([draw.fold_p, draw.fold_u], 1)
     n, k = idx.shape[1], proc.folds
     order = torch.sort(fold, dim=1, stable=True).indices  # rows by fold, in draw order within a fold
-    counts = torch.nn.functional.one_hot(fold, k).sum(1)
+    counts = torch.stack([(fold == f).sum(1) for f in range(k)], 1)
     if bool((counts != counts[:1]).any()):
         return _fit_and_score(F, draw, proc, C)
     starts = [0, *torch.cumsum(counts[0], 0).tolist()]
     last = max(f for fs in proc.train for f in fs) + 1  # rows past the last fitted fold are only scored
-    X = F[idx.gather(1, order)]
-    Xa = torch.empty(T, n, X.shape[-1] + 1, dtype=X.dtype, device=dev)
-    torch.sub(X, X.mean(1, keepdim=True), out=Xa[..., :-1])  # centring per trial: exact one-pass moments, same fits
-    Xa[..., -1] = 1.0
-    X = Xa[..., :-1]
-    train = proc.train_matrix(device=dev)
+    Xa = _rows(Fa, idx.gather(1, order))  # (T, n, d+1), by fold
     y = (order < n_p).double()
-    beta, b0, mu, sc, ok = _trial_lr(Xa[:, : starts[last]], y[:, : starts[last]], starts[: last + 1], train[:, :last], C)
+    beta, b0, mu, sc, ok = _trial_lr(Xa[:, : starts[last]], y[:, : starts[last]], starts[: last + 1], proc.train_matrix(device=dev)[:, :last], C)
     v = beta / sc
-    z = torch.baddbmm((b0 - (mu * v).sum(-1)).unsqueeze(-1), v, X.transpose(1, 2))  # (T, m, n) sorted order
-    model = torch.tensor(proc.score, device=dev)[fold.gather(1, order)]
-    sc_sorted = z.gather(1, model.clamp_min(0).unsqueeze(1)).squeeze(1)
-    sc_sorted = torch.where(model >= 0, sc_sorted, torch.full_like(sc_sorted, float("nan")))
+    coef = torch.cat([v, (b0 - (mu * v).sum(-1)).unsqueeze(-1)], -1)  # (T, m, d+1): raw coefficients, intercept last
+    sc_sorted = torch.full((T, n), float("nan"), dtype=torch.float64, device=dev)
+    for f, j in enumerate(proc.score):  # fold f's rows scored by model j only
+        if j >= 0:
+            a, b = starts[f], starts[f + 1]
+            sc_sorted[:, a:b] = torch.bmm(coef[:, j : j + 1], Xa[:, a:b].transpose(1, 2)).squeeze(1)
     scores = torch.empty_like(sc_sorted).scatter_(1, order, sc_sorted)
     if not bool(ok.all()):
         bad = (~ok).nonzero().squeeze(1)
         scores[bad] = _fit_and_score_pool(F, draw[bad], proc, C)[0]
     return scores, fold
+
+
+_scratch = threading.local()
+
+
+def _scratch_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> Tensor:
+    """An uninitialised tensor from a buffer of the calling thread (``name``: one buffer per
+    use), which the next call with that name overwrites: the trial solver's per-chunk tensors
+    (megabytes, the same size every chunk) would otherwise get fresh pages every chunk, which
+    cost more than filling them. On a GPU, a plain ``torch.empty`` (its allocator caches)."""
+    if torch.device(device).type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    need = math.prod(shape)
+    buf = getattr(_scratch, name, None)
+    if buf is None or buf.numel() < need or buf.dtype != dtype:
+        buf = torch.empty(need, dtype=dtype)
+        setattr(_scratch, name, buf)
+    return buf[:need].view(shape)
+
+
+def _rows(F: Tensor, rows: Tensor) -> Tensor:
+    """F[rows] (rows: (T, n) -> (T, n, d)) in the calling thread's scratch buffer."""
+    out = _scratch_tensor("rows", (rows.numel(), F.shape[1]), F.dtype, F.device)
+    torch.index_select(F, 0, rows.reshape(-1), out=out)
+    return out.view(*rows.shape, F.shape[1])
+
+
+def _standardised_with_ones(F: Tensor) -> Tensor:
+    """F's columns centred and scaled (a constant column only centred), and a ones column: the
+    StandardScaler fits are invariant to it, and one-pass moments of any subset of its rows
+    lose no precision to a column's offset."""
+    s = F.std(0)
+    return torch.cat([(F - F.mean(0)) / torch.where(s > 0, s, torch.ones_like(s)), torch.ones(len(F), 1, dtype=F.dtype, device=F.device)], 1)
 
 
 # --------------------------------------------------------------------------- resampling
@@ -873,10 +913,7 @@ def batched_cdi(members: Tensor, nonmembers: Tensor, draw: TrialDraw, k: int = 5
     Newton, :func:`_block_lr`), ``"pool"`` (every fold model a weight vector over the rows the
     trials draw from, :func:`_pool_lr`), ``"local"`` (the pool solver on each trial's own rows)
     or ``"auto"``: pool when a trial uses at least ``POOL_ALL`` of the rows the trials draw
-    from (permutations, null checks on a small reference set), else trial when the smallest
-    model has at least ``TRIAL_ROWS_PER_COEF`` rows per coefficient (MM needs many more steps
-    on tiny, nearly separable fits), else pool when a trial uses at least ``POOL_ABOVE`` of
-    the rows and gather otherwise. All solve the same
+    from (permutations, null checks on a small reference set), else trial. All solve the same
     problems to the same optimum (``benchmarks/cdi_speed.py`` times them).
 
     ``seed`` draws the relabelings (and tie-breaking uniforms) of a procedure with
@@ -893,26 +930,21 @@ def batched_cdi(members: Tensor, nonmembers: Tensor, draw: TrialDraw, k: int = 5
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver '{solver}'; choose one of {', '.join(SOLVERS)}.")
     d = F.shape[1]
+    pool_rows = rows_used(draw, len(F))
     if solver == "auto":
         # pool when every trial uses most of the rows (permutations, null checks on a small
-        # reference set: its large products then waste nothing), else trial when every model
-        # has enough rows per coefficient for a few MM steps, else pool or gather as before.
-        pool_rows = int(torch.unique(torch.cat([draw.idx_p, draw.idx_u], 1)).numel())
-        smallest = min(len(fs) for fs in proc.train) * n / proc.folds
-        if n < POOL_ALL * pool_rows and smallest >= TRIAL_ROWS_PER_COEF * (d + 1):
-            solver = "trial"
-        else:
-            solver = "pool" if n >= POOL_ABOVE * pool_rows else "gather"
-    if solver == "trial":  # the (chunk, rows, d) design of a chunk should stay in the cache
-        chunk = max(1, TRIAL_CHUNK_ELEMENTS // (n * (d + 1)))
+        # reference set: its large products then waste nothing), else trial.
+        solver = "pool" if n >= POOL_ALL * pool_rows else "trial"
+    if solver == "trial":  # a chunk's rows and its models' (d+1, d+1) matrices should stay in the cache
+        chunk = max(1, TRIAL_CHUNK_ELEMENTS // (n * (d + 1) + 4 * m * (d + 1) ** 2))
     else:
         # Elements per trial of the largest working tensors; the gather solver slows down when its
         # (trials, rows, models, d) tensors leave the cache, so it takes a fifth of the budget.
-        pool_rows = int(torch.unique(torch.cat([draw.idx_p, draw.idx_u], 1)).numel())
         per_trial = {"pool": 8 * m * pool_rows, "local": n * ((d + 1) * (d + 2) // 2 + 8 * m), "gather": 5 * n * (m + 1) * (d + 1)}[solver]
         chunk = max(1, max_elements // per_trial)
     fit_and_score = {"pool": _fit_and_score_pool, "local": partial(_fit_and_score_pool, local=True), "gather": _fit_and_score,
-                     "trial": _fit_and_score_trial}[solver]
+                     "trial": partial(_fit_and_score_trial, Fa=_standardised_with_ones(F)) if solver == "trial" else None}[solver]
+
     def solve(s: int) -> tuple[Tensor, Tensor]:
         sub = draw[s : s + chunk]
         sub = TrialDraw(*(v.to(device) for v in (sub.idx_p, sub.idx_u, sub.fold_p, sub.fold_u)))
@@ -934,12 +966,20 @@ def batched_cdi(members: Tensor, nonmembers: Tensor, draw: TrialDraw, k: int = 5
             torch.set_num_threads(threads)
     else:
         res = [solve(s) for s in tqdm(starts, disable=not progress, desc="CDI trials", leave=False)]
-    scores, fold = torch.cat([r[0] for r in res]), torch.cat([r[1] for r in res])
+    scores, fold = (torch.cat(v) for v in zip(*res))
     t, p = _statistic(scores, fold, n_p, proc, _relabelings(draw, proc, seed) if proc.fold_permutations else None)
     sP, sU = scores[:, :n_p], scores[:, n_p:]
     a = sP[~torch.isnan(sP)].view(len(sP), -1)
     b = sU[~torch.isnan(sU)].view(len(sU), -1)
     return {"p": p, "t": t.cpu(), "cohen_d": cohen_d(a, b), "sP": sP, "sU": sU}
+
+
+def rows_used(draw: TrialDraw, n_rows: int) -> int:
+    """How many distinct rows of the ``n_rows`` feature rows the trials of ``draw`` use."""
+    used = torch.zeros(n_rows, dtype=torch.bool)
+    used[draw.idx_p.reshape(-1)] = True
+    used[draw.idx_u.reshape(-1)] = True
+    return int(used.sum())
 
 
 def _relabelings(draw: TrialDraw, proc: Procedure, seed: int) -> tuple[dict[int, tuple[Tensor, Tensor]], Tensor, Tensor]:
