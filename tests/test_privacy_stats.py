@@ -347,3 +347,22 @@ def test_permutation_default_is_reproducible_and_stouffer():
     assert one == two and one["procedure"] == S.DEFAULT_PROCEDURE == "sequential_permutation"
     assert one["p"] == pytest.approx(float(sps.norm.sf(one["t"])), rel=1e-9)
     assert S.audit_test(P, U, seed=6)["p"] != one["p"]
+
+
+def test_trial_solver_chunks_and_threads_give_the_same_p_values(monkeypatch):
+    # The trial solver's chunks reuse per-thread buffers: many small chunks over two worker
+    # threads must give the p-values of one chunk on one thread; rows_used counts distinct rows.
+    rng = np.random.default_rng(11)
+    members, nonmembers = torch.from_numpy(rng.normal(0.1, 1, (150, 6))), torch.from_numpy(rng.normal(0, 1, (150, 6)))
+    draw = S.draw_trials(150, 150, 40, 40, trials=24, k=5, seed=4)
+    assert S.rows_used(draw, 300) == int(torch.unique(torch.cat([draw.idx_p, draw.idx_u], 1)).numel())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = S.batched_cdi(members, nonmembers, draw, solver="trial", procedure="sequential_stratified")["p"]
+        monkeypatch.setattr(S, "TRIAL_CHUNK_ELEMENTS", 1)  # one trial per chunk
+        torch.set_num_threads(2)
+        many = S.batched_cdi(members, nonmembers, draw, solver="trial", procedure="sequential_stratified")["p"]
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(many, one, atol=1e-7, rtol=0)  # each chunk stops when its own steps are below 1e-8
