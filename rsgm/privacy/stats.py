@@ -480,9 +480,8 @@ def _trial_lr(Xa: Tensor, y: Tensor, starts: list[int], train: Tensor, C: float,
     Mt = torch.diag_embed(torch.cat([1 / sc, torch.ones_like(m0).unsqueeze(-1)], -1))
     Mt[..., :d, d] = -mu / sc
     W = torch.cat([nBinv[..., :d], torch.zeros_like(nBinv[..., :1]), C * nBinv @ Mt], -1)  # (T, m, D, 2D)
-    work = {dt: [(Xa[:, a:b], Xa[:, a:b].transpose(1, 2), y[:, None, a:b], _index_or_slice(train[:, f])) for f, (a, b) in enumerate(spans)]}
-    work[torch.float32] = [(X32[:, a:b], X32[:, a:b].transpose(1, 2), y_.float(), js) for (a, b), (_, _, y_, js) in zip(spans, work[dt])]
-    work = {k_: [w_ for w_ in v_ if w_[3] is not None] for k_, v_ in work.items()}
+    blocks = [(a, b, js) for (a, b), js in zip(spans, map(_index_or_slice, train.T)) if js is not None]  # with the models that fit them
+    work = {X_.dtype: [(X_[:, a:b], X_[:, a:b].transpose(1, 2), y[:, None, a:b].to(X_.dtype), js) for a, b, js in blocks] for X_ in (Xa, X32)}
     ga = {k_: torch.empty(T, m, D, dtype=k_, device=dev) for k_ in work}
     lo = COARSE_TRIAL > tol  # float32 products while the steps are large
     x = torch.zeros(T, m, D, dtype=dt, device=dev)  # standardised coefficients, intercept last
@@ -599,12 +598,17 @@ def _rows(F: Tensor, rows: Tensor) -> Tensor:
     return out.view(*rows.shape, F.shape[1])
 
 
-def _standardised_with_ones(F: Tensor) -> Tensor:
-    """F's columns centred and scaled (a constant column only centred), and a ones column: the
-    StandardScaler fits are invariant to it, and one-pass moments of any subset of its rows
-    lose no precision to a column's offset."""
+def _standardised(F: Tensor) -> Tensor:
+    """F's columns centred and scaled (a constant column only centred): the StandardScaler fits
+    are invariant to it, and one-pass moments of any subset of its rows lose no precision to a
+    column's offset."""
     s = F.std(0)
-    return torch.cat([(F - F.mean(0)) / torch.where(s > 0, s, torch.ones_like(s)), torch.ones(len(F), 1, dtype=F.dtype, device=F.device)], 1)
+    return (F - F.mean(0)) / torch.where(s > 0, s, torch.ones_like(s))
+
+
+def _standardised_with_ones(F: Tensor) -> Tensor:
+    """:func:`_standardised` F and a ones column (the intercept's)."""
+    return torch.cat([_standardised(F), torch.ones(len(F), 1, dtype=F.dtype, device=F.device)], 1)
 
 
 # --------------------------------------------------------------------------- resampling
@@ -775,10 +779,7 @@ def _fit_and_score_pool(F: Tensor, draw: TrialDraw, proc: Procedure, C: float, l
     fold = torch.cat([draw.fold_p, draw.fold_u], 1)
     n, m = idx.shape[1], len(proc.train)
     used, inv = torch.unique(idx, return_inverse=True)
-    X = F[used]
-    X = X - X.mean(0)
-    s = X.std(0)
-    X = X / torch.where(s > 0, s, torch.ones_like(s))  # the fits are invariant to per-column scaling
+    X = _standardised(F[used])
     train = proc.train_matrix(torch.float32, dev)
     src = train[:, fold].transpose(0, 1)  # (T, m, n): 1 where row i fits model j
     y = torch.cat([torch.ones(n_p), torch.zeros(n - n_p)]).to(dev)
@@ -930,20 +931,20 @@ def batched_cdi(members: Tensor, nonmembers: Tensor, draw: TrialDraw, k: int = 5
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver '{solver}'; choose one of {', '.join(SOLVERS)}.")
     d = F.shape[1]
-    pool_rows = rows_used(draw, len(F))
+    pool_rows = rows_used(draw, len(F)) if solver != "trial" else None
     if solver == "auto":
         # pool when every trial uses most of the rows (permutations, null checks on a small
         # reference set: its large products then waste nothing), else trial.
         solver = "pool" if n >= POOL_ALL * pool_rows else "trial"
     if solver == "trial":  # a chunk's rows and its models' (d+1, d+1) matrices should stay in the cache
         chunk = max(1, TRIAL_CHUNK_ELEMENTS // (n * (d + 1) + 4 * m * (d + 1) ** 2))
+        fit_and_score = partial(_fit_and_score_trial, Fa=_standardised_with_ones(F))
     else:
         # Elements per trial of the largest working tensors; the gather solver slows down when its
         # (trials, rows, models, d) tensors leave the cache, so it takes a fifth of the budget.
         per_trial = {"pool": 8 * m * pool_rows, "local": n * ((d + 1) * (d + 2) // 2 + 8 * m), "gather": 5 * n * (m + 1) * (d + 1)}[solver]
         chunk = max(1, max_elements // per_trial)
-    fit_and_score = {"pool": _fit_and_score_pool, "local": partial(_fit_and_score_pool, local=True), "gather": _fit_and_score,
-                     "trial": partial(_fit_and_score_trial, Fa=_standardised_with_ones(F)) if solver == "trial" else None}[solver]
+        fit_and_score = {"pool": _fit_and_score_pool, "local": partial(_fit_and_score_pool, local=True), "gather": _fit_and_score}[solver]
 
     def solve(s: int) -> tuple[Tensor, Tensor]:
         sub = draw[s : s + chunk]
