@@ -118,8 +118,8 @@ def test_batched_cdi_matches_sklearn_loop(shift, n_p, n_u, procedure):
 
 @pytest.mark.parametrize("procedure", ["sequential_stratified", "crossfit"])
 def test_permutation_statistics_match_sklearn_loop(procedure):
-    # The permutation test's relabelings (every row of P u U in every trial: the pool solver)
-    # give the loop's p-values on the same splits.
+    # The permutation test's relabelings (every row of P u U in every trial) give the loop's
+    # p-values on the same splits.
     rng = np.random.default_rng(4)
     P, U = rng.normal(0.3, 1, (25, 5)) * [1, 3, 1, 1, 0.2], rng.normal(0, 1, (30, 5)) * [1, 3, 1, 1, 0.2]
     pool = torch.from_numpy(np.concatenate([P, U]))
@@ -291,7 +291,7 @@ def test_trial_solver_is_sklearns_optimum_and_hands_unconverged_trials_on(monkey
     F[:, 4] = 3.0  # constant: StandardScaler's scale 1
     F, proc = torch.from_numpy(F), S.make_procedure("sequential_stratified")
     draw = S.draw_trials(150, 150, 60, 60, trials=6, k=5, seed=1)
-    scores, fold = S._fit_and_score_trial(F, draw, proc, 0.7)
+    scores, fold, _ = S._fit_and_score_trial(F, draw, proc, 0.7)
     Fn = F.numpy()
     for i in range(6):
         idx = np.r_[draw.idx_p[i].numpy(), draw.idx_u[i].numpy()]
@@ -302,7 +302,7 @@ def test_trial_solver_is_sklearns_optimum_and_hands_unconverged_trials_on(monkey
             np.testing.assert_allclose(scores[i, te].numpy(), ref, atol=1e-6)
     orig = S._trial_lr
     monkeypatch.setattr(S, "_trial_lr", lambda *a, **k: orig(*a, **{**k, "max_iter": 2}))
-    again, _ = S._fit_and_score_trial(F, draw, proc, 0.7)  # two MM steps: nothing converged, all re-solved
+    again = S._fit_and_score_trial(F, draw, proc, 0.7)[0]  # two MM steps: nothing converged, all re-solved
     torch.testing.assert_close(again, scores, atol=1e-6, rtol=0, equal_nan=True)
 
 
@@ -351,7 +351,8 @@ def test_permutation_default_is_reproducible_and_stouffer():
 
 def test_trial_solver_chunks_and_threads_give_the_same_p_values(monkeypatch):
     # The trial solver's chunks reuse per-thread buffers: many small chunks over two worker
-    # threads must give the p-values of one chunk on one thread; rows_used counts distinct rows.
+    # threads must give the p-values of one chunk on one thread (the statistic then runs on
+    # two shares of the trials, relabelings included); rows_used counts distinct rows.
     rng = np.random.default_rng(11)
     members, nonmembers = torch.from_numpy(rng.normal(0.1, 1, (150, 6))), torch.from_numpy(rng.normal(0, 1, (150, 6)))
     draw = S.draw_trials(150, 150, 40, 40, trials=24, k=5, seed=4)
@@ -359,10 +360,20 @@ def test_trial_solver_chunks_and_threads_give_the_same_p_values(monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        one = S.batched_cdi(members, nonmembers, draw, solver="trial", procedure="sequential_stratified")["p"]
+        one = {proc: S.batched_cdi(members, nonmembers, draw, solver="trial", procedure=proc)["p"] for proc in ("sequential_stratified", S.DEFAULT_PROCEDURE)}
         monkeypatch.setattr(S, "TRIAL_CHUNK_ELEMENTS", 1)  # one trial per chunk
         torch.set_num_threads(2)
-        many = S.batched_cdi(members, nonmembers, draw, solver="trial", procedure="sequential_stratified")["p"]
+        many = {proc: S.batched_cdi(members, nonmembers, draw, solver="trial", procedure=proc)["p"] for proc in one}
     finally:
         torch.set_num_threads(threads)
-    torch.testing.assert_close(many, one, atol=1e-7, rtol=0)  # each chunk stops when its own steps are below 1e-8
+    for proc in one:  # each chunk stops when its own steps are below 1e-8
+        torch.testing.assert_close(many[proc], one[proc], atol=1e-7, rtol=0, msg=proc)
+
+
+def test_keep_freed_memory_is_glibc_only_and_can_be_switched_off(monkeypatch):
+    import platform
+
+    monkeypatch.setenv("RSGM_KEEP_FREED_MEMORY", "0")
+    assert S.keep_freed_memory.__wrapped__() is False
+    monkeypatch.delenv("RSGM_KEEP_FREED_MEMORY")
+    assert S.keep_freed_memory.__wrapped__() is (platform.libc_ver()[0] == "glibc")

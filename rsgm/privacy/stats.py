@@ -17,7 +17,10 @@ Everything here is model-agnostic: it takes feature matrices, whatever produced 
 
 from __future__ import annotations
 
+import ctypes
 import math
+import os
+import platform
 import threading
 from dataclasses import dataclass
 from functools import lru_cache, partial
@@ -468,18 +471,20 @@ def _trial_lr(Xa: Tensor, y: Tensor, starts: list[int], train: Tensor, C: float,
     spans = list(zip(starts[:-1], starts[1:]))
     trainf = train.to(dt)
     X32 = _scratch_tensor("rows32", Xa.shape, torch.float32, dev).copy_(Xa)
-    G = torch.stack([torch.bmm(X32[:, a:b].transpose(1, 2), X32[:, a:b]) for a, b in spans], 1).double()  # (T, k, D, D): bounds only
+    G = torch.stack([torch.bmm(X32[:, a:b, :d].transpose(1, 2), X32[:, a:b, :d]) for a, b in spans], 1).double()  # (T, k, d, d): bounds only
     s12 = torch.stack([torch.cat([Xa[:, a:b].sum(1), (Xa[:, a:b] * Xa[:, a:b]).sum(1)], -1) for a, b in spans], 1)  # exact: standardises
     m1, ex2 = torch.einsum("mk,tkc->tmc", trainf, s12).split(D, -1)
     m0, m1 = m1[..., d], m1[..., :d]
     mu, sc = _scaler_from_moments(m1, m0, ex2[..., :d] / m0.unsqueeze(-1))
-    LB = _hessian_cholesky(0.25 * torch.einsum("mk,tkab->tmab", trainf, G[..., :d, :d]), 0.25 * m1, 0.25 * m0, mu, sc, C, _ridge(D, dev))
+    LB = _hessian_cholesky(0.25 * torch.einsum("mk,tkab->tmab", trainf, G), 0.25 * m1, 0.25 * m0, mu, sc, C, _ridge(D, dev))
     nBinv = -torch.cholesky_inverse(LB)
     # The gradient in standardised coefficients is P x + C Mt (X'r) (P: the penalty, not on the
-    # intercept; Mt: the chain rule through the standardisation), so the MM step is W (x, X'r).
-    Mt = torch.diag_embed(torch.cat([1 / sc, torch.ones_like(m0).unsqueeze(-1)], -1))
-    Mt[..., :d, d] = -mu / sc
-    W = torch.cat([nBinv[..., :d], torch.zeros_like(nBinv[..., :1]), C * nBinv @ Mt], -1)  # (T, m, D, 2D)
+    # intercept; Mt = [[diag(1 / sc), -mu / sc], [0, 1]]: the chain rule through the
+    # standardisation), so the MM step is W (x, X'r), W = -B^-1 [P, C Mt].
+    zero = torch.zeros_like(nBinv[..., :1])
+    W = torch.cat([nBinv[..., :d], zero, nBinv[..., :d] / sc.unsqueeze(-2), zero], -1)  # (T, m, D, 2D)
+    W[..., -1] = nBinv[..., d] - torch.linalg.vecdot(W[..., D:-1], mu.unsqueeze(-2))
+    W[..., D:] *= C
     blocks = [(a, b, js) for (a, b), js in zip(spans, map(_index_or_slice, train.T)) if js is not None]  # with the models that fit them
     work = {X_.dtype: [(X_[:, a:b], X_[:, a:b].transpose(1, 2), y[:, None, a:b].to(X_.dtype), js) for a, b, js in blocks] for X_ in (Xa, X32)}
     ga = {k_: torch.empty(T, m, D, dtype=k_, device=dev) for k_ in work}
@@ -539,7 +544,7 @@ def _index_or_slice(mask: Tensor) -> slice | Tensor | None:
     return slice(lo, hi) if hi - lo == js.numel() else js
 
 
-def _fit_and_score_trial(F: Tensor, draw: TrialDraw, proc: Procedure, C: float, Fa: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def _fit_and_score_trial(F: Tensor, draw: TrialDraw, proc: Procedure, C: float, Fa: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """As :func:`_fit_and_score`, with each trial's rows sorted by fold (balanced folds: the same
     block boundaries in every trial, no padding) and the solver :func:`_trial_lr`; trials it
     leaves unconverged are solved again with :func:`_fit_and_score_pool`. ``Fa``:
@@ -570,10 +575,30 @@ def _fit_and_score_trial(F: Tensor, draw: TrialDraw, proc: Procedure, C: float, 
     if not bool(ok.all()):
         bad = (~ok).nonzero().squeeze(1)
         scores[bad] = _fit_and_score_pool(F, draw[bad], proc, C)[0]
-    return scores, fold
+        sc_sorted[bad] = scores[bad].gather(1, order[bad])
+    return scores, fold, sc_sorted
 
 
 _scratch = threading.local()
+
+
+@lru_cache(maxsize=1)
+def keep_freed_memory() -> bool:
+    """Tell glibc's allocator to keep freed memory for reuse instead of returning it to the
+    operating system: blocks up to 32 MiB come from the heap (M_MMAP_THRESHOLD) and up to
+    128 MiB of free memory stays with each arena (M_TRIM_THRESHOLD). The statistics allocate
+    and free megabyte tensors thousands of times per run; with glibc's defaults each reuse
+    faulted its pages in again (30-45 thousand page faults per 1000 trials at |P| = 1000,
+    about a tenth of the wall time; none after this). Process-wide and once; glibc only
+    (elsewhere, or with ``RSGM_KEEP_FREED_MEMORY=0``, it does nothing and returns False)."""
+    if os.environ.get("RSGM_KEEP_FREED_MEMORY", "1") == "0" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 128 << 20))
 
 
 def _scratch_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> Tensor:
@@ -735,9 +760,10 @@ def draw_trials(n_members: int, n_nonmembers: int, n_p: int, n_u: int, trials: i
     return TrialDraw(idx_p, idx_u, fold_p, fold_u)
 
 
-def _fit_and_score(F: Tensor, draw: TrialDraw, proc: Procedure, C: float) -> tuple[Tensor, Tensor]:
-    """Scores (T, n) of every row of each trial (NaN where the row is not scored), and the
-    rows' folds. Rows are regrouped into equal, zero-padded fold blocks for the solver."""
+def _fit_and_score(F: Tensor, draw: TrialDraw, proc: Procedure, C: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Scores (T, n) of every row of each trial (NaN where the row is not scored), the rows'
+    folds, and the scores by fold (:func:`_by_fold`'s layout). Rows are regrouped into equal,
+    zero-padded fold blocks for the solver."""
     T, n_p = draw.idx_p.shape
     dev = F.device
     idx = torch.cat([draw.idx_p, draw.idx_u], 1)
@@ -765,10 +791,10 @@ def _fit_and_score(F: Tensor, draw: TrialDraw, proc: Procedure, C: float) -> tup
     sc_sorted = zs.gather(1, model.clamp_min(0).unsqueeze(1)).squeeze(1)
     sc_sorted = torch.where(model >= 0, sc_sorted, torch.full_like(sc_sorted, float("nan")))
     scores = torch.empty_like(sc_sorted).scatter_(1, order, sc_sorted)
-    return scores, fold
+    return scores, fold, sc_sorted
 
 
-def _fit_and_score_pool(F: Tensor, draw: TrialDraw, proc: Procedure, C: float, local: bool = False) -> tuple[Tensor, Tensor]:
+def _fit_and_score_pool(F: Tensor, draw: TrialDraw, proc: Procedure, C: float, local: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """As :func:`_fit_and_score`, with every fold model as a weight vector over a pool of rows
     (the solver :func:`_pool_lr`): the rows all trials draw from (one GEMM per product over
     all fits: the faster way when each trial uses a good part of them, as with permutations),
@@ -800,18 +826,14 @@ def _fit_and_score_pool(F: Tensor, draw: TrialDraw, proc: Procedure, C: float, l
         v = beta.view(T * m, -1) / sc.view(T * m, -1)
         z = torch.addmm((b0.view(-1) - (mu.view(T * m, -1) * v).sum(-1)).unsqueeze(-1), v, X.T).view(T, m * N)
         scores = z.gather(1, model.clamp_min(0) * N + inv)
-    return torch.where(model >= 0, scores, torch.full_like(scores, float("nan"))), fold
+    scores = torch.where(model >= 0, scores, torch.full_like(scores, float("nan")))
+    return scores, fold, _by_fold(scores, fold)
 
 
-def _masked_welch(sP: Tensor, sU: Tensor) -> tuple[Tensor, Tensor]:
-    """Welch t and df over the non-NaN entries of each row (equal counts per row)."""
-    a = sP[~torch.isnan(sP)].view(sP.shape[0], -1)
-    b = sU[~torch.isnan(sU)].view(sU.shape[0], -1)
-    na, nb = a.shape[-1], b.shape[-1]
-    va, vb = a.var(-1) / na, b.var(-1) / nb
-    t = (a.mean(-1) - b.mean(-1)) / torch.sqrt(va + vb)
-    df = (va + vb) ** 2 / (va**2 / (na - 1) + vb**2 / (nb - 1))
-    return t, df
+def _by_fold(scores: Tensor, fold: Tensor) -> Tensor:
+    """Each trial's scores (T, n) sorted by fold, in draw order within a fold (so a fold's P rows
+    come before its U rows): with balanced folds every fold is one column slice."""
+    return scores.gather(1, torch.sort(fold, dim=1, stable=True).indices)
 
 
 def t_sf(t: Tensor, df: Tensor) -> Tensor:
@@ -860,41 +882,44 @@ def fold_permutation_pvalue(a: Tensor, b: Tensor, E: Tensor, place: Tensor, c: T
     return (above + u * (1 + tied)) / E.shape[1]
 
 
-def _statistic(scores: Tensor, fold: Tensor, n_p: int, proc: Procedure, perm: tuple | None = None) -> tuple[Tensor, Tensor]:
-    """(t, p) per trial: one Welch test over all scored rows, or (``per_fold_welch``) the
-    fold-stratified Welch test: each scored fold's mean difference in units of that fold's
-    score scale, D_f = (mean_P,f - mean_U,f) / s_f, summed, over the square root of the
-    summed Welch variances V_f = (var_P,f / n_P,f + var_U,f / n_U,f) / s_f^2, with the
-    Welch-Satterthwaite df pooled over folds. Folds scored by different models thus
-    enter on one scale, and the df stay large when each fold is small."""
-    sP, sU = scores[:, :n_p], scores[:, n_p:]
+def _fold_blocks(by_fold: Tensor, fold_p: Tensor, fold_u: Tensor, proc: Procedure) -> list[tuple[int, Tensor, Tensor]]:
+    """(f, P scores (T, n_P,f), U scores (T, n_U,f)) of every scored fold f, as column slices of
+    the scores laid out by fold (:func:`_by_fold`); fold_p, fold_u: one trial's folds (balanced
+    folds: the same counts in every trial)."""
+    blocks, a = [], 0
+    for f in range(proc.folds):
+        cp, cu = int((fold_p == f).sum()), int((fold_u == f).sum())
+        if proc.score[f] >= 0:
+            blocks.append((f, by_fold[:, a : a + cp], by_fold[:, a + cp : a + cp + cu]))
+        a += cp + cu
+    return blocks
+
+
+def _statistic(blocks: list[tuple[int, Tensor, Tensor]], proc: Procedure, perm: tuple | None = None) -> tuple[Tensor, Tensor]:
+    """(t, p) per trial from the scored folds' blocks (:func:`_fold_blocks`): one Welch test
+    over all scored rows, or (``per_fold_welch``) the fold-stratified Welch test: each scored
+    fold's mean difference in units of that fold's score scale, D_f = (mean_P,f - mean_U,f) / s_f,
+    summed, over the square root of the summed Welch variances V_f = (var_P,f / n_P,f +
+    var_U,f / n_U,f) / s_f^2, with the Welch-Satterthwaite df pooled over folds. Folds scored by
+    different models thus enter on one scale, and the df stay large when each fold is small."""
     if not proc.per_fold_welch:
-        t, df = _masked_welch(sP, sU)
-        return t, t_sf(t, df)
-    fp, fu = fold[:, :n_p], fold[:, n_p:]
+        t, _, p = welch_t_test(torch.cat([a for _, a, _ in blocks], 1), torch.cat([b for _, _, b in blocks], 1))
+        return t, p
     if proc.fold_permutations:  # Stouffer: z = sum_f Phi^-1(1 - p_f) / sqrt(#folds), exactly N(0, 1) under H0
         relabel, c, u = perm
-        z = torch.zeros(len(scores), dtype=torch.float64)
-        scored = [f for f in range(proc.folds) if proc.score[f] >= 0]
-        for f in scored:
-            pf = fold_permutation_pvalue(sP[fp == f].view(len(sP), -1), sU[fu == f].view(len(sU), -1), *relabel[f], c[:, f], u[:, f])
-            z -= torch.special.ndtri(pf.clamp_min(1e-300))
-        z /= math.sqrt(len(scored))
+        z = torch.zeros(len(c), dtype=torch.float64)
+        for f, a, b in blocks:
+            z -= torch.special.ndtri(fold_permutation_pvalue(a, b, *relabel[f], c[:, f], u[:, f]).clamp_min(1e-300))
+        z /= math.sqrt(len(blocks))
         return z, torch.special.ndtr(-z)
-    num = torch.zeros(len(scores), dtype=torch.float64)
-    var = torch.zeros_like(num)
-    dfden = torch.zeros_like(num)
-    for f in range(proc.folds):
-        if proc.score[f] < 0:
-            continue
-        a = sP[fp == f].view(len(sP), -1)  # balanced folds: equal counts in every trial
-        b = sU[fu == f].view(len(sU), -1)
+    num = var = dfden = 0.0
+    for _, a, b in blocks:
         scale2 = torch.cat([a, b], 1).var(-1)
         na, nb = a.shape[-1], b.shape[-1]
         va, vb = a.var(-1) / na / scale2, b.var(-1) / nb / scale2
-        num += (a.mean(-1) - b.mean(-1)) / scale2.sqrt()
-        var += va + vb
-        dfden += va**2 / (na - 1) + vb**2 / (nb - 1)
+        num = num + (a.mean(-1) - b.mean(-1)) / scale2.sqrt()
+        var = var + va + vb
+        dfden = dfden + va**2 / (na - 1) + vb**2 / (nb - 1)
     t = num / var.sqrt()
     return t, t_sf(t, var**2 / dfden)
 
@@ -913,8 +938,9 @@ def batched_cdi(members: Tensor, nonmembers: Tensor, draw: TrialDraw, k: int = 5
     accelerated MM steps, :func:`_trial_lr`), ``"gather"`` (rows gathered into fold blocks,
     Newton, :func:`_block_lr`), ``"pool"`` (every fold model a weight vector over the rows the
     trials draw from, :func:`_pool_lr`), ``"local"`` (the pool solver on each trial's own rows)
-    or ``"auto"``: pool when a trial uses at least ``POOL_ALL`` of the rows the trials draw
-    from (permutations, null checks on a small reference set), else trial. All solve the same
+    or ``"auto"``: trial on the CPU; on other devices pool when a trial uses at least
+    ``POOL_ALL`` of the rows the trials draw from (permutations, null checks on a small
+    reference set), else trial. All solve the same
     problems to the same optimum (``benchmarks/cdi_speed.py`` times them).
 
     ``seed`` draws the relabelings (and tie-breaking uniforms) of a procedure with
@@ -931,11 +957,14 @@ def batched_cdi(members: Tensor, nonmembers: Tensor, draw: TrialDraw, k: int = 5
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver '{solver}'; choose one of {', '.join(SOLVERS)}.")
     d = F.shape[1]
-    pool_rows = rows_used(draw, len(F)) if solver != "trial" else None
+    pool_rows = rows_used(draw, len(F)) if solver != "trial" and (solver != "auto" or F.device.type != "cpu") else None
     if solver == "auto":
+        # CPU: trial (measured the fastest at every |P|, permutation tests included). Elsewhere
         # pool when every trial uses most of the rows (permutations, null checks on a small
         # reference set: its large products then waste nothing), else trial.
-        solver = "pool" if n >= POOL_ALL * pool_rows else "trial"
+        solver = "trial" if pool_rows is None or n < POOL_ALL * pool_rows else "pool"
+    if F.device.type == "cpu":
+        keep_freed_memory()
     if solver == "trial":  # a chunk's rows and its models' (d+1, d+1) matrices should stay in the cache
         chunk = max(1, TRIAL_CHUNK_ELEMENTS // (n * (d + 1) + 4 * m * (d + 1) ** 2))
         fit_and_score = partial(_fit_and_score_trial, Fa=_standardised_with_ones(F))
@@ -946,33 +975,42 @@ def batched_cdi(members: Tensor, nonmembers: Tensor, draw: TrialDraw, k: int = 5
         chunk = max(1, max_elements // per_trial)
         fit_and_score = {"pool": _fit_and_score_pool, "local": partial(_fit_and_score_pool, local=True), "gather": _fit_and_score}[solver]
 
-    def solve(s: int) -> tuple[Tensor, Tensor]:
+    def solve(s: int) -> tuple[Tensor, ...]:
         sub = draw[s : s + chunk]
         sub = TrialDraw(*(v.to(device) for v in (sub.idx_p, sub.idx_u, sub.fold_p, sub.fold_u)))
-        sc_, fold_ = fit_and_score(F, sub, proc, C)
-        return sc_.cpu(), fold_.cpu()
+        return tuple(v.cpu() for v in fit_and_score(F, sub, proc, C))
+
+    perm = _relabelings(draw, proc, seed) if proc.fold_permutations else None
+
+    def statistic(sl: slice) -> tuple[Tensor, Tensor]:
+        part = None if perm is None else (perm[0], perm[1][sl], perm[2][sl])
+        return _statistic(_fold_blocks(by_fold[sl], draw.fold_p[0], draw.fold_u[0], proc), proc, part)
 
     starts = range(0, T, chunk)
     threads = torch.get_num_threads()
     if solver == "trial" and F.device.type == "cpu" and threads > 1 and len(starts) > 1:
         # Small chunks (cache-sized) make small products that one thread runs best: the chunks
-        # go to `threads` worker threads (torch releases the GIL) with one intra-op thread each.
+        # go to `threads` worker threads (torch releases the GIL) with one intra-op thread each;
+        # then the statistic, one share of the trials per thread (its many small operations
+        # would otherwise run on one).
         from concurrent.futures import ThreadPoolExecutor
 
         torch.set_num_threads(1)
         try:
             with ThreadPoolExecutor(threads) as pool:
                 res = list(tqdm(pool.map(solve, starts), total=len(starts), disable=not progress, desc="CDI trials", leave=False))
+                scores, fold, by_fold = (torch.cat(v) for v in zip(*res))
+                share = -(-T // threads)
+                t, p = (torch.cat(v) for v in zip(*pool.map(statistic, [slice(i, i + share) for i in range(0, T, share)])))
         finally:
             torch.set_num_threads(threads)
     else:
         res = [solve(s) for s in tqdm(starts, disable=not progress, desc="CDI trials", leave=False)]
-    scores, fold = (torch.cat(v) for v in zip(*res))
-    t, p = _statistic(scores, fold, n_p, proc, _relabelings(draw, proc, seed) if proc.fold_permutations else None)
-    sP, sU = scores[:, :n_p], scores[:, n_p:]
-    a = sP[~torch.isnan(sP)].view(len(sP), -1)
-    b = sU[~torch.isnan(sU)].view(len(sU), -1)
-    return {"p": p, "t": t.cpu(), "cohen_d": cohen_d(a, b), "sP": sP, "sU": sU}
+        scores, fold, by_fold = (torch.cat(v) for v in zip(*res))
+        t, p = statistic(slice(None))
+    blocks = _fold_blocks(by_fold, draw.fold_p[0], draw.fold_u[0], proc)
+    a, b = torch.cat([a for _, a, _ in blocks], 1), torch.cat([b for _, _, b in blocks], 1)
+    return {"p": p, "t": t.cpu(), "cohen_d": cohen_d(a, b), "sP": scores[:, :n_p], "sU": scores[:, n_p:]}
 
 
 def rows_used(draw: TrialDraw, n_rows: int) -> int:
