@@ -142,6 +142,10 @@ def batched_logistic_regression(X: Tensor, y: Tensor, w: Tensor, C: float = 1.0,
 
 SOLVERS = ("auto", "trial", "gather", "pool", "local")
 COARSE_TRIAL = 1e-4  # _trial_lr: float32 products until the MM steps are below this, then float64
+# _trial_lr stops when every MM step is below this (then takes one more, free): p-values within
+# 1e-7 of the exact optimum's at |P| = 10 to 1000 for every procedure (1e-13 as the reference),
+# 0.3 to 1 MM step fewer than 1e-8 (benchmarks/cdi_speed.py checks against the sklearn loop)
+TRIAL_TOL = 3e-8
 POOL_ALL = 0.75  # batched_cdi, auto: the pool solver (not trial) when a trial uses at least this fraction of the pool's rows
 TRIAL_CHUNK_ELEMENTS = 1_600_000  # batched_cdi, trial solver: float64 elements of the rows of one chunk of trials (12.8 MB)
 REFRESH_ABOVE = 1e-3  # a model's Hessian is rebuilt while its largest step exceeds this
@@ -439,7 +443,7 @@ def _pool_newton(Xa: Tensor, Wt: Tensor, fit: dict, state: dict, curvature, C: f
 ANDERSON_MEMORY = 3  # _trial_lr: Anderson acceleration over the last this many MM steps
 
 
-def _trial_lr(Xa: Tensor, y: Tensor, starts: list[int], train: Tensor, C: float, max_iter: int = 200, tol: float = 1e-8,
+def _trial_lr(Xa: Tensor, y: Tensor, starts: list[int], train: Tensor, C: float, max_iter: int = 200, tol: float = TRIAL_TOL,
               trace: list | None = None):
     """StandardScaler + L2 logistic regressions, m per trial, each on a union of fold blocks of
     that trial's own rows: Böhning's majorise-minimise iteration accelerated by Anderson mixing.
