@@ -9,7 +9,7 @@ the other procedures).
 The expensive part is resampling: 1000 random (P, U) subsets per |P|, each with 5-fold
 cross-fitting, i.e. 5000 logistic regressions per |P|. :func:`batched_cdi` solves all of
 them together in torch (on the exact sklearn objective: Anderson-accelerated majorise-
-minimise steps, or Newton's method for small fits), so a whole grid runs in seconds;
+minimise steps; the older selectable solvers take Newton steps), so a whole grid runs in seconds;
 :func:`loop_cdi` is the straightforward sklearn loop it is tested against.
 
 Everything here is model-agnostic: it takes feature matrices, whatever produced them.
@@ -146,7 +146,7 @@ COARSE_TRIAL = 1e-4  # _trial_lr: float32 products until the MM steps are below 
 # 1e-7 of the exact optimum's at |P| = 10 to 1000 for every procedure (1e-13 as the reference),
 # 0.3 to 1 MM step fewer than 1e-8 (benchmarks/cdi_speed.py checks against the sklearn loop)
 TRIAL_TOL = 3e-8
-POOL_ALL = 0.75  # batched_cdi, auto: the pool solver (not trial) when a trial uses at least this fraction of the pool's rows
+POOL_ALL = 0.75  # batched_cdi, auto off the CPU: the pool solver (not trial) when a trial uses at least this fraction of the pool's rows
 TRIAL_CHUNK_ELEMENTS = 1_600_000  # batched_cdi, trial solver: float64 elements of the rows of one chunk of trials (12.8 MB)
 REFRESH_ABOVE = 1e-3  # a model's Hessian is rebuilt while its largest step exceeds this
 POOL_ABOVE = 0.15  # the rule before the trial solver (benchmarks/cdi_speed.py compares): pool above this fraction of the rows, else gather
@@ -592,8 +592,8 @@ def keep_freed_memory() -> bool:
     operating system: blocks up to 32 MiB come from the heap (M_MMAP_THRESHOLD) and up to
     128 MiB of free memory stays with each arena (M_TRIM_THRESHOLD). The statistics allocate
     and free megabyte tensors thousands of times per run; with glibc's defaults each reuse
-    faulted its pages in again (30-45 thousand page faults per 1000 trials at |P| = 1000,
-    about a tenth of the wall time; none after this). Process-wide and once; glibc only
+    faulted its pages in again (30-45 thousand page faults per 1000 trials at |P| = 1000, a
+    few thousand at most with this; about 5 % of the wall time). Process-wide and once; glibc only
     (elsewhere, or with ``RSGM_KEEP_FREED_MEMORY=0``, it does nothing and returns False)."""
     if os.environ.get("RSGM_KEEP_FREED_MEMORY", "1") == "0" or platform.libc_ver()[0] != "glibc":
         return False
