@@ -177,6 +177,13 @@ def test_pool_solver_exact_with_outliers_outside_a_fit():
         np.testing.assert_allclose(float(b0[r, 0]), lr.intercept_[0], atol=1e-6)
 
 
+def test_unbalanced_folds_are_refused():
+    draw = S.draw_trials(30, 30, 10, 10, trials=3, k=5, seed=0)
+    draw.fold_p[1, :4] = 0  # trial 1: at least 4 rows in fold 0, trial 0: 2
+    with pytest.raises(ValueError, match="same number of rows in each fold"):
+        S.batched_cdi(torch.randn(30, 3), torch.randn(30, 3), draw, procedure=S.DEFAULT_PROCEDURE)
+
+
 def test_unknown_solver_is_refused():
     draw = S.draw_trials(20, 20, 10, 10, trials=1, seed=0)
     with pytest.raises(ValueError, match="unknown solver"):

@@ -956,6 +956,10 @@ def batched_cdi(members: Tensor, nonmembers: Tensor, draw: TrialDraw, k: int = 5
         raise RSGMError("feature matrix contains NaN or inf; fix the feature extraction before dataset inference.")
     if int(max(draw.fold_p.max(), draw.fold_u.max())) >= proc.folds:
         raise ValueError(f"procedure '{proc.name}' uses {proc.folds} folds; draw the trials with k={proc.folds}.")
+    for fo in (draw.fold_p, draw.fold_u):  # the statistic reads every fold as the same columns of every trial
+        counts = torch.zeros(len(fo), proc.folds, dtype=torch.long).scatter_add_(1, fo, torch.ones_like(fo))
+        if bool((counts != counts[:1]).any()):
+            raise ValueError("every trial needs the same number of rows in each fold (balanced folds, as draw_trials and permutation_draw make them).")
     T, n_p = draw.idx_p.shape
     n, m = n_p + draw.idx_u.shape[1], len(proc.train)
     if solver not in SOLVERS:
