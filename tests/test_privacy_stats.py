@@ -298,7 +298,9 @@ def test_trial_solver_is_sklearns_optimum_and_hands_unconverged_trials_on(monkey
     F[:, 4] = 3.0  # constant: StandardScaler's scale 1
     F, proc = torch.from_numpy(F), S.make_procedure("sequential_stratified")
     draw = S.draw_trials(150, 150, 60, 60, trials=6, k=5, seed=1)
-    scores, fold, _ = S._fit_and_score_trial(F, draw, proc, 0.7)
+    scores, by_fold = S._fit_and_score_trial(F, draw, proc, 0.7)
+    fold = torch.cat([draw.fold_p, draw.fold_u], 1)
+    torch.testing.assert_close(by_fold, S._by_fold(scores, fold), equal_nan=True)
     Fn = F.numpy()
     for i in range(6):
         idx = np.r_[draw.idx_p[i].numpy(), draw.idx_u[i].numpy()]

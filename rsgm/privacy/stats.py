@@ -548,7 +548,7 @@ def _index_or_slice(mask: Tensor) -> slice | Tensor | None:
     return slice(lo, hi) if hi - lo == js.numel() else js
 
 
-def _fit_and_score_trial(F: Tensor, draw: TrialDraw, proc: Procedure, C: float, Fa: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def _fit_and_score_trial(F: Tensor, draw: TrialDraw, proc: Procedure, C: float, Fa: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """As :func:`_fit_and_score`, with each trial's rows sorted by fold (balanced folds: the same
     block boundaries in every trial, no padding) and the solver :func:`_trial_lr`; trials it
     leaves unconverged are solved again with :func:`_fit_and_score_pool`. ``Fa``:
@@ -580,7 +580,7 @@ def _fit_and_score_trial(F: Tensor, draw: TrialDraw, proc: Procedure, C: float, 
         bad = (~ok).nonzero().squeeze(1)
         scores[bad] = _fit_and_score_pool(F, draw[bad], proc, C)[0]
         sc_sorted[bad] = scores[bad].gather(1, order[bad])
-    return scores, fold, sc_sorted
+    return scores, sc_sorted
 
 
 _scratch = threading.local()
@@ -764,10 +764,10 @@ def draw_trials(n_members: int, n_nonmembers: int, n_p: int, n_u: int, trials: i
     return TrialDraw(idx_p, idx_u, fold_p, fold_u)
 
 
-def _fit_and_score(F: Tensor, draw: TrialDraw, proc: Procedure, C: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Scores (T, n) of every row of each trial (NaN where the row is not scored), the rows'
-    folds, and the scores by fold (:func:`_by_fold`'s layout). Rows are regrouped into equal,
-    zero-padded fold blocks for the solver."""
+def _fit_and_score(F: Tensor, draw: TrialDraw, proc: Procedure, C: float) -> tuple[Tensor, Tensor]:
+    """Scores (T, n) of every row of each trial (NaN where the row is not scored), in draw
+    order and by fold (:func:`_by_fold`'s layout). Rows are regrouped into equal, zero-padded
+    fold blocks for the solver."""
     T, n_p = draw.idx_p.shape
     dev = F.device
     idx = torch.cat([draw.idx_p, draw.idx_u], 1)
@@ -795,10 +795,10 @@ def _fit_and_score(F: Tensor, draw: TrialDraw, proc: Procedure, C: float) -> tup
     sc_sorted = zs.gather(1, model.clamp_min(0).unsqueeze(1)).squeeze(1)
     sc_sorted = torch.where(model >= 0, sc_sorted, torch.full_like(sc_sorted, float("nan")))
     scores = torch.empty_like(sc_sorted).scatter_(1, order, sc_sorted)
-    return scores, fold, sc_sorted
+    return scores, sc_sorted
 
 
-def _fit_and_score_pool(F: Tensor, draw: TrialDraw, proc: Procedure, C: float, local: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+def _fit_and_score_pool(F: Tensor, draw: TrialDraw, proc: Procedure, C: float, local: bool = False) -> tuple[Tensor, Tensor]:
     """As :func:`_fit_and_score`, with every fold model as a weight vector over a pool of rows
     (the solver :func:`_pool_lr`): the rows all trials draw from (one GEMM per product over
     all fits: the faster way when each trial uses a good part of them, as with permutations),
@@ -831,7 +831,7 @@ def _fit_and_score_pool(F: Tensor, draw: TrialDraw, proc: Procedure, C: float, l
         z = torch.addmm((b0.view(-1) - (mu.view(T * m, -1) * v).sum(-1)).unsqueeze(-1), v, X.T).view(T, m * N)
         scores = z.gather(1, model.clamp_min(0) * N + inv)
     scores = torch.where(model >= 0, scores, torch.full_like(scores, float("nan")))
-    return scores, fold, _by_fold(scores, fold)
+    return scores, _by_fold(scores, fold)
 
 
 def _by_fold(scores: Tensor, fold: Tensor) -> Tensor:
@@ -983,16 +983,22 @@ def batched_cdi(members: Tensor, nonmembers: Tensor, draw: TrialDraw, k: int = 5
         chunk = max(1, max_elements // per_trial)
         fit_and_score = {"pool": _fit_and_score_pool, "local": partial(_fit_and_score_pool, local=True), "gather": _fit_and_score}[solver]
 
-    def solve(s: int) -> tuple[Tensor, ...]:
+    scores = torch.empty(T, n, dtype=torch.float64)  # each chunk writes its rows (draw order, and by fold)
+    by_fold = torch.empty_like(scores)
+
+    def solve(s: int) -> None:
         sub = draw[s : s + chunk]
         sub = TrialDraw(*(v.to(device) for v in (sub.idx_p, sub.idx_u, sub.fold_p, sub.fold_u)))
-        return tuple(v.cpu() for v in fit_and_score(F, sub, proc, C))
+        sc_, bf_ = fit_and_score(F, sub, proc, C)
+        scores[s : s + chunk], by_fold[s : s + chunk] = sc_, bf_
 
     perm = _relabelings(draw, proc, seed) if proc.fold_permutations else None
 
-    def statistic(sl: slice) -> tuple[Tensor, Tensor]:
-        part = None if perm is None else (perm[0], perm[1][sl], perm[2][sl])
-        return _statistic(_fold_blocks(by_fold[sl], draw.fold_p[0], draw.fold_u[0], proc), proc, part)
+    def statistic(sl: slice) -> tuple[Tensor, Tensor, Tensor]:
+        """t, p and Cohen's d of the trials in ``sl``."""
+        blocks = _fold_blocks(by_fold[sl], draw.fold_p[0], draw.fold_u[0], proc)
+        t, p = _statistic(blocks, proc, None if perm is None else (perm[0], perm[1][sl], perm[2][sl]))
+        return t, p, cohen_d(torch.cat([a for _, a, _ in blocks], 1), torch.cat([b for _, _, b in blocks], 1))
 
     starts = range(0, T, chunk)
     threads = torch.get_num_threads()
@@ -1006,19 +1012,16 @@ def batched_cdi(members: Tensor, nonmembers: Tensor, draw: TrialDraw, k: int = 5
         torch.set_num_threads(1)
         try:
             with ThreadPoolExecutor(threads) as pool:
-                res = list(tqdm(pool.map(solve, starts), total=len(starts), disable=not progress, desc="CDI trials", leave=False))
-                scores, fold, by_fold = (torch.cat(v) for v in zip(*res))
+                list(tqdm(pool.map(solve, starts), total=len(starts), disable=not progress, desc="CDI trials", leave=False))
                 share = -(-T // threads)
-                t, p = (torch.cat(v) for v in zip(*pool.map(statistic, [slice(i, i + share) for i in range(0, T, share)])))
+                t, p, d_ = (torch.cat(v) for v in zip(*pool.map(statistic, [slice(i, i + share) for i in range(0, T, share)])))
         finally:
             torch.set_num_threads(threads)
     else:
-        res = [solve(s) for s in tqdm(starts, disable=not progress, desc="CDI trials", leave=False)]
-        scores, fold, by_fold = (torch.cat(v) for v in zip(*res))
-        t, p = statistic(slice(None))
-    blocks = _fold_blocks(by_fold, draw.fold_p[0], draw.fold_u[0], proc)
-    a, b = torch.cat([a for _, a, _ in blocks], 1), torch.cat([b for _, _, b in blocks], 1)
-    return {"p": p, "t": t.cpu(), "cohen_d": cohen_d(a, b), "sP": scores[:, :n_p], "sU": scores[:, n_p:]}
+        for s in tqdm(starts, disable=not progress, desc="CDI trials", leave=False):
+            solve(s)
+        t, p, d_ = statistic(slice(None))
+    return {"p": p, "t": t.cpu(), "cohen_d": d_, "sP": scores[:, :n_p], "sU": scores[:, n_p:]}
 
 
 def rows_used(draw: TrialDraw, n_rows: int) -> int:
