@@ -379,6 +379,24 @@ def test_trial_solver_chunks_and_threads_give_the_same_p_values(monkeypatch):
         torch.testing.assert_close(many[proc], one[proc], atol=1e-7, rtol=0, msg=proc)
 
 
+def test_worker_threads_under_inference_mode(monkeypatch):
+    # Lightning runs `rsgm test` callbacks under torch.inference_mode, which worker threads do
+    # not share: the chunks' outputs must still be writable from them.
+    rng = np.random.default_rng(12)
+    members, nonmembers = torch.from_numpy(rng.normal(0.1, 1, (100, 4))), torch.from_numpy(rng.normal(0, 1, (100, 4)))
+    draw = S.draw_trials(100, 100, 20, 20, trials=6, k=5, seed=1)
+    monkeypatch.setattr(S, "TRIAL_CHUNK_ELEMENTS", 1)  # one trial per chunk: the worker threads run
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        plain = S.batched_cdi(members, nonmembers, draw)["p"]
+        with torch.inference_mode():
+            inside = S.batched_cdi(members, nonmembers, draw)["p"]
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(inside, plain, atol=0, rtol=0)
+
+
 def test_keep_freed_memory_is_glibc_only_and_can_be_switched_off(monkeypatch):
     import platform
 

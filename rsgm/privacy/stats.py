@@ -983,8 +983,9 @@ def batched_cdi(members: Tensor, nonmembers: Tensor, draw: TrialDraw, k: int = 5
         chunk = max(1, max_elements // per_trial)
         fit_and_score = {"pool": _fit_and_score_pool, "local": partial(_fit_and_score_pool, local=True), "gather": _fit_and_score}[solver]
 
-    scores = torch.empty(T, n, dtype=torch.float64)  # each chunk writes its rows (draw order, and by fold)
-    by_fold = torch.empty_like(scores)
+    with torch.inference_mode(False):  # each chunk writes its rows (draw order, and by fold), also from worker
+        scores = torch.empty(T, n, dtype=torch.float64)  # threads, which do not share the caller's inference mode
+        by_fold = torch.empty_like(scores)
 
     def solve(s: int) -> None:
         sub = draw[s : s + chunk]
