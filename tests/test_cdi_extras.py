@@ -200,3 +200,15 @@ def test_callback_runs_the_configured_studies(tmp_path):
     for name in ("imbalance", "set_level", "di_roc", "alpha_roc", "ablation"):
         assert (tmp_path / f"{name}.csv").is_file()
     assert json.loads((tmp_path / "summary.json").read_text())["min_P[U/P=1]"] == summary["min_P[U/P=1]"]
+
+
+@pytest.mark.parametrize("kwargs,match", [({"trials": -5}, "trials must be at least 1, got -5"),
+                                          ({"null_trials": 0}, "null_trials must be at least 1"),
+                                          ({"k": 1}, "k must be at least 2"),
+                                          ({"permutations": -1}, "permutations must be at least 0"),
+                                          ({"alpha": 1.5}, "0 < alpha < 1"),
+                                          ({"contamination_ratios": [0.5, 1.2]}, r"\[1.2\]"),
+                                          ({"sizes": [10, 0]}, r"\[0\]")])
+def test_dataset_inference_options_are_checked_in_one_line(kwargs, match):
+    with pytest.raises(RSGMError, match=match):
+        DatasetInference(**kwargs)

@@ -36,6 +36,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from tqdm.auto import tqdm
 
+from rsgm.errors import RSGMError
 from rsgm.privacy import cdi_extras as X
 from rsgm.privacy import stats as S
 from rsgm.utils.dashboard import log_table
@@ -56,6 +57,17 @@ class DatasetInference(Callback):
                  u_ratios: list[float] | None = None, set_level_sizes: list[int] | None = None, roc_sizes: list[int] | None = None,
                  study_sets: int = 1000, mia_di_features: list[str] | None = None) -> None:
         S.make_procedure(procedure, k)  # unknown names fail at construction, in one line
+        least = {"trials": (trials, 1), "null_trials": (null_trials, 1), "contamination_trials": (contamination_trials, 1),
+                 "ablation_trials": (ablation_trials or 1, 1), "study_sets": (study_sets, 1), "min_size": (min_size, 1),
+                 "k": (k, 2), "permutations": (permutations, 0)}
+        for name, (value, low) in least.items():
+            if value < low:
+                raise RSGMError(f"DatasetInference.{name} must be at least {low}, got {value}.")
+        if not 0 < alpha < 1 or not C > 0:
+            raise RSGMError(f"DatasetInference needs 0 < alpha < 1 and C > 0, got alpha={alpha}, C={C}.")
+        bad = [r for r in (contamination_ratios or []) if not 0 <= r <= 1] + [v for v in (sizes or []) + (u_ratios or []) if not v > 0]
+        if bad:
+            raise RSGMError(f"DatasetInference: contamination_ratios must lie in [0, 1] and sizes, u_ratios be positive; got {bad}.")
         self.trials, self.alpha, self.k, self.C, self.seed, self.device = trials, alpha, k, C, seed, device
         self.procedure, self.permutations = procedure, permutations
         self.sizes, self.min_size, self.gray_box = sizes, min_size, gray_box
