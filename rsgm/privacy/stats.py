@@ -558,12 +558,9 @@ def _fit_and_score_trial(F: Tensor, draw: TrialDraw, proc: Procedure, C: float, 
     dev = F.device
     idx = torch.cat([draw.idx_p, draw.idx_u], 1)
     fold = torch.cat([draw.fold_p, draw.fold_u], 1)
-    n, k = idx.shape[1], proc.folds
+    n = idx.shape[1]
     order = torch.sort(fold, dim=1, stable=True).indices  # rows by fold, in draw order within a fold
-    counts = torch.stack([(fold == f).sum(1) for f in range(k)], 1)
-    if bool((counts != counts[:1]).any()):
-        return _fit_and_score(F, draw, proc, C)
-    starts = [0, *torch.cumsum(counts[0], 0).tolist()]
+    starts = [0, *torch.cumsum(torch.bincount(fold[0], minlength=proc.folds), 0).tolist()]  # balanced: batched_cdi checks
     last = max(f for fs in proc.train for f in fs) + 1  # rows past the last fitted fold are only scored
     Xa = _rows(Fa, idx.gather(1, order))  # (T, n, d+1), by fold
     y = (order < n_p).double()
@@ -965,12 +962,12 @@ def batched_cdi(members: Tensor, nonmembers: Tensor, draw: TrialDraw, k: int = 5
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver '{solver}'; choose one of {', '.join(SOLVERS)}.")
     d = F.shape[1]
-    pool_rows = rows_used(draw, len(F)) if solver != "trial" and (solver != "auto" or F.device.type != "cpu") else None
+    pool_rows = rows_used(draw, len(F)) if solver == "pool" or (solver == "auto" and F.device.type != "cpu") else None
     if solver == "auto":
         # CPU: trial (measured the fastest at every |P|, permutation tests included). Elsewhere
         # pool when every trial uses most of the rows (permutations, null checks on a small
         # reference set: its large products then waste nothing), else trial.
-        solver = "trial" if pool_rows is None or n < POOL_ALL * pool_rows else "pool"
+        solver = "pool" if pool_rows is not None and n >= POOL_ALL * pool_rows else "trial"
     if F.device.type == "cpu":
         keep_freed_memory()
     if solver == "trial":  # a chunk's rows and its models' (d+1, d+1) matrices should stay in the cache
@@ -979,7 +976,7 @@ def batched_cdi(members: Tensor, nonmembers: Tensor, draw: TrialDraw, k: int = 5
     else:
         # Elements per trial of the largest working tensors; the gather solver slows down when its
         # (trials, rows, models, d) tensors leave the cache, so it takes a fifth of the budget.
-        per_trial = {"pool": 8 * m * pool_rows, "local": n * ((d + 1) * (d + 2) // 2 + 8 * m), "gather": 5 * n * (m + 1) * (d + 1)}[solver]
+        per_trial = 8 * m * pool_rows if solver == "pool" else {"local": n * ((d + 1) * (d + 2) // 2 + 8 * m), "gather": 5 * n * (m + 1) * (d + 1)}[solver]
         chunk = max(1, max_elements // per_trial)
         fit_and_score = {"pool": _fit_and_score_pool, "local": partial(_fit_and_score_pool, local=True), "gather": _fit_and_score}[solver]
 
@@ -1022,7 +1019,7 @@ def batched_cdi(members: Tensor, nonmembers: Tensor, draw: TrialDraw, k: int = 5
         for s in tqdm(starts, disable=not progress, desc="CDI trials", leave=False):
             solve(s)
         t, p, d_ = statistic(slice(None))
-    return {"p": p, "t": t.cpu(), "cohen_d": d_, "sP": scores[:, :n_p], "sU": scores[:, n_p:]}
+    return {"p": p, "t": t, "cohen_d": d_, "sP": scores[:, :n_p], "sU": scores[:, n_p:]}
 
 
 def rows_used(draw: TrialDraw, n_rows: int) -> int:
